@@ -1,0 +1,33 @@
+"""What every tool receives besides its arguments."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from booth.tools.workspace import Workspace
+
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass
+class ToolContext:
+    workspace: Workspace
+    base_model: str = DEFAULT_BASE_MODEL
+    # Progress bars and messages: stderr, so `booth call` keeps stdout for the JSON result.
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    # Set by the first Ctrl-C: long tools stop at a safe point (training saves a checkpoint)
+    # and return normally, reporting that they were interrupted.
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def from_options(cls, workspace: str | None = None, base_model: str | None = None,
+                     console: Console | None = None) -> ToolContext:
+        return cls(
+            workspace=Workspace.from_option(workspace),
+            base_model=base_model or os.environ.get("BOOTH_BASE_MODEL") or DEFAULT_BASE_MODEL,
+            console=console or Console(stderr=True),
+        )

@@ -1,0 +1,70 @@
+"""Where booth keeps what it makes, and the guard that keeps names inside it.
+
+    <workspace>/datasets/<name>/      prepared images + manifest.json
+    <workspace>/priors/<key>/         generated class images + priors.json
+    <workspace>/runs/<name>/          run.yaml, metrics.jsonl, logs/, checkpoints/, final model
+    <workspace>/samples/<name>/       sampled PNGs and a grid
+    <workspace>/transcripts/          one JSONL file per chat session
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from booth.tools.registry import ToolError
+
+DEFAULT_WORKSPACE = "booth-workspace"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A dataset or run name the model or user chose; never a path."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise ToolError(
+            f"{what} {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no slashes, no '..')"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def from_option(cls, value: str | os.PathLike | None) -> Workspace:
+        chosen = value or os.environ.get("BOOTH_WORKSPACE") or DEFAULT_WORKSPACE
+        return cls(Path(chosen).expanduser().resolve())
+
+    def _child(self, kind: str, name: str, what: str) -> Path:
+        path = (self.root / kind / check_name(name, what)).resolve()
+        # check_name already forbids separators; this is the belt to its braces.
+        if self.root / kind not in path.parents:
+            raise ToolError(f"{what} {name!r} would leave the workspace")
+        return path
+
+    def dataset_dir(self, name: str) -> Path:
+        return self._child("datasets", name, "dataset name")
+
+    def priors_dir(self, key: str) -> Path:
+        return self._child("priors", key, "prior set")
+
+    def run_dir(self, name: str) -> Path:
+        return self._child("runs", name, "run name")
+
+    def samples_dir(self, name: str) -> Path:
+        return self._child("samples", name, "sample set")
+
+    @property
+    def transcripts_dir(self) -> Path:
+        return self.root / "transcripts"
+
+    def names(self, kind: str) -> list[str]:
+        folder = self.root / kind
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())
