@@ -116,6 +116,9 @@ class Tool:
     function: Callable[..., dict]
     parameters: dict[str, Any]
     defaults: dict[str, Any] = field(default_factory=dict)
+    # Optional: (ctx, validated arguments) -> one line on what the call will cost
+    # ("800 steps, about 2 min on cuda"), shown when the user is asked to approve it.
+    estimate: Callable[[Any, dict[str, Any]], str | None] | None = None
 
     def openai_spec(self) -> dict[str, Any]:
         """The entry of the `tools` list of a chat-completions request."""

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny Stable Diffusion built once per test session, a fresh workspace."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Nothing in the tests may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Path of a tiny random SD-1.x pipeline folder (diffusers format), built with seed 0."""
+    from booth.dreambooth.tiny import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+@pytest.fixture
+def workspace(tmp_path) -> str:
+    path = tmp_path / "workspace"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def tool_context(workspace, tiny_model):
+    from booth.tools import ToolContext
+
+    return ToolContext.from_options(workspace=workspace, base_model=tiny_model)
