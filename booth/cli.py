@@ -1,0 +1,187 @@
+"""booth's command line. Commands are thin: they parse options and hand over to a layer below.
+
+Nothing heavy is imported at module level, so `booth --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from booth.agent import commands as agent_commands
+
+app = typer.Typer(
+    name="booth",
+    help="Describe a DreamBooth goal in plain language; an LLM plans it and runs the tools, "
+    "asking before each one.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class Globals:
+    """Options given before the command (`booth --workspace W call ...`)."""
+
+    workspace: str | None = None
+    base_model: str | None = None
+
+
+@app.callback()
+def main(
+    workspace: Annotated[
+        str | None,
+        typer.Option(
+            "--workspace",
+            "-w",
+            envvar="BOOTH_WORKSPACE",
+            help="Folder for datasets, priors, runs, samples and transcripts.",
+            show_default="./booth-workspace",
+        ),
+    ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            envvar="BOOTH_BASE_MODEL",
+            help="Base Stable Diffusion 1.x: a local diffusers folder or a hub id.",
+            show_default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ),
+    ] = None,
+) -> None:
+    Globals.workspace = workspace
+    Globals.base_model = base_model
+
+
+def tool_context():
+    """The ToolContext for this invocation (workspace and base model from the global options)."""
+    from booth.tools import ToolContext
+
+    return ToolContext.from_options(workspace=Globals.workspace, base_model=Globals.base_model)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a user-facing error to stderr and return the Exit to raise."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    folder: Annotated[Path, typer.Argument(help="Where to write the pipeline folder.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny random Stable Diffusion 1.x (diffusers format, ~9 MB) for offline trials."""
+    from booth.dreambooth.tiny import save_tiny_model
+
+    if folder.exists() and any(folder.iterdir()):
+        raise fail(f"{folder} exists and is not empty; choose a new folder")
+    path = save_tiny_model(folder, seed=seed)
+    typer.echo(str(path.resolve()))
+
+
+@app.command("tools")
+def list_tools(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the exact tool schemas sent to the model.")
+    ] = False,
+) -> None:
+    """List the tools the model can call (and that `booth call` runs)."""
+    from booth.tools import TOOLS
+
+    if as_json:
+        typer.echo(json.dumps([t.openai_spec() for t in TOOLS.values()], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("tool", "parameters (* = required)", "what it does", show_lines=True)
+    for spec in TOOLS.values():
+        required = set(spec.parameters["required"])
+        names = spec.parameters["properties"]
+        params = ", ".join(p + ("*" if p in required else "") for p in names)
+        table.add_row(spec.name, params, spec.description.splitlines()[0])
+    Console().print(table)
+
+
+@app.command("call")
+def call_tool(
+    name: Annotated[str, typer.Argument(help="Tool name (see `booth tools`).")],
+    arguments: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="A JSON object ('{\"dataset\": \"rex\"}'), or key=value pairs "
+            "(values read as JSON when they parse, else as text).",
+        ),
+    ] = None,
+) -> None:
+    """Run one tool directly, validated exactly as a model's call would be.
+
+    The tool's JSON result is the only thing written to stdout; progress goes to stderr.
+    """
+    from booth.tools import ToolArgumentError, ToolError, get_tool, parse_arguments
+
+    context = tool_context()
+    try:
+        spec = get_tool(name)
+        parsed = _cli_arguments(arguments or [], parse_arguments)
+        result = _run_interruptibly(spec, context, parsed)
+    except ToolError as error:
+        # 2: the call was invalid and nothing ran; 1: the tool ran and failed.
+        raise fail(str(error), code=2 if isinstance(error, ToolArgumentError) else 1) from None
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def _cli_arguments(words: list[str], parse_arguments) -> object:
+    """One JSON word, or key=value words merged into an object."""
+    if len(words) == 1 and words[0].lstrip().startswith("{"):
+        return parse_arguments(words[0])
+    from booth.tools import ToolArgumentError
+
+    merged: dict[str, object] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise ToolArgumentError(
+                f"cannot read argument {word!r}: give one JSON object or key=value pairs"
+            )
+        try:
+            merged[key] = json.loads(value)
+        except json.JSONDecodeError:
+            merged[key] = value
+    return merged
+
+
+def _run_interruptibly(spec, context, arguments):
+    """Run a tool; the first Ctrl-C asks it to stop at a safe point, the second aborts."""
+    import signal
+
+    def on_interrupt(signum, frame):
+        if context.stop_requested.is_set():
+            raise KeyboardInterrupt
+        context.stop_requested.set()
+        context.console.print(
+            "[yellow]Stopping at the next safe point (Ctrl-C again to abort)...[/]"
+        )
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        return spec.run(context, arguments)
+    except KeyboardInterrupt:
+        raise fail("aborted; finished checkpoints are kept and resumable", code=130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+agent_commands.register(app, tool_context, fail)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

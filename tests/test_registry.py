@@ -1,0 +1,113 @@
+"""The one-definition-per-tool mechanism: schema, validation and defaults from a typed function."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import pytest
+
+from booth.tools.registry import Param, ToolArgumentError, parse_arguments, tool
+
+
+@tool
+def demo_tool(
+    ctx,
+    prompts: Annotated[list[str], Param("What to draw", min_items=1, max_items=4, max_length=50)],
+    steps: Annotated[int, Param("Denoising steps", minimum=1, maximum=200)] = 30,
+    precision: Annotated[Literal["no", "fp16", "bf16"], Param("Mixed precision")] = "no",
+    run: Annotated[str | None, Param("Run name", pattern=r"^[a-z]+$")] = None,
+) -> dict:
+    """Draw some pictures.
+
+    A second paragraph the model also reads.
+    """
+    return {"prompts": prompts, "steps": steps, "precision": precision, "run": run}
+
+
+def test_schema_comes_from_the_signature():
+    spec = demo_tool.openai_spec()["function"]
+    assert spec["name"] == "demo_tool"
+    assert spec["description"].startswith("Draw some pictures.")
+    params = spec["parameters"]
+    assert params["required"] == ["prompts"]
+    assert params["additionalProperties"] is False
+    assert params["properties"]["prompts"] == {
+        "type": "array",
+        "items": {"type": "string", "maxLength": 50},
+        "minItems": 1,
+        "maxItems": 4,
+        "description": "What to draw",
+    }
+    assert params["properties"]["steps"]["maximum"] == 200
+    assert params["properties"]["steps"]["default"] == 30
+    assert params["properties"]["precision"]["enum"] == ["no", "fp16", "bf16"]
+    # Optional parameters are omitted by the model, never sent as null.
+    assert params["properties"]["run"]["type"] == "string"
+
+
+def test_valid_arguments_run_with_defaults_filled_in():
+    assert demo_tool.run(None, {"prompts": ["a dog"]}) == {
+        "prompts": ["a dog"], "steps": 30, "precision": "no", "run": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({}, "'prompts' is required"),
+        ({"prompts": ["a"], "colour": "red"}, "unknown field(s) 'colour'"),
+        ({"prompts": "a dog"}, "prompts: 'a dog' is not of type 'array'"),
+        ({"prompts": ["a"], "steps": 0}, "steps: 0 is less than the minimum of 1"),
+        ({"prompts": ["a"], "steps": 2.5}, "steps: 2.5 is not of type 'integer'"),
+        ({"prompts": ["a"], "precision": "fp8"}, "precision: 'fp8' is not one of"),
+        ({"prompts": []}, "prompts: [] should be non-empty"),
+        ({"prompts": ["a"], "run": "../etc"}, "run: '../etc' does not match"),
+        (["a dog"], "must be a JSON object, got list"),
+    ],
+)
+def test_invalid_arguments_are_named_and_nothing_runs(arguments, message):
+    ran = []
+    demo_tool.function, original = (lambda ctx, **kw: ran.append(kw)), demo_tool.function
+    try:
+        with pytest.raises(ToolArgumentError) as error:
+            demo_tool.run(None, arguments)
+    finally:
+        demo_tool.function = original
+    assert message in str(error.value)
+    assert ran == []
+
+
+def test_unparseable_json_is_reported_with_its_position():
+    with pytest.raises(ToolArgumentError, match=r"not valid JSON \(Expecting .* column"):
+        parse_arguments('{"prompts": ["a dog"]')
+    assert parse_arguments("") == {}
+    assert parse_arguments('{"a": 1}') == {"a": 1}
+
+
+def test_a_tool_without_annotations_or_docstring_is_refused_at_definition():
+    with pytest.raises(TypeError, match="Annotated"):
+        @tool
+        def bare(ctx, x: int) -> dict:
+            """Doc."""
+            return {}
+
+    with pytest.raises(TypeError, match="docstring"):
+        @tool
+        def undocumented(ctx, x: Annotated[int, Param("x")]) -> dict:
+            return {}
+
+
+def test_registered_tools_have_strict_valid_schemas():
+    import jsonschema
+
+    from booth.tools import TOOLS
+
+    assert list(TOOLS) == [
+        "prepare_dataset", "generate_priors", "train", "sample", "resume_checkpoint",
+    ]
+    for spec in TOOLS.values():
+        params = spec.parameters
+        jsonschema.Draft202012Validator.check_schema(params)
+        assert params["additionalProperties"] is False
+        for name, prop in params["properties"].items():
+            assert prop.get("description"), f"{spec.name}.{name} has no description"
