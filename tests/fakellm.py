@@ -1,0 +1,232 @@
+"""A real chat-completions server on loopback, answering from a script (for tests).
+
+    from fakellm import FakeLLM, reply, call, calls, error, hang
+
+    with FakeLLM([call("train", {"steps": 10}), reply("Done.")]) as llm:
+        model = OpenAIChatModel(EndpointSettings(base_url=llm.base_url, model=llm.model))
+        ...
+        assert llm.requests[0]["temperature"] == 0.15
+
+Each POST /v1/chat/completions consumes one step of the script. Steps are plain dicts built
+by the helpers below: an assistant reply (text and/or tool calls, with raw argument strings
+and ids exactly as given, even invalid ones), an HTTP error, or a hang. Replies are served as
+one JSON body, or as server-sent events when the request says `"stream": true` — text split
+over several chunks, each tool call's id and name first and its arguments in pieces, the way
+vLLM streams them. Every request body is kept in `requests` (headers in `headers`). When the
+script runs out, the server answers 500 with a body saying so, so a test fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
+PIECE = 7  # characters per streamed piece: small, so every reply spans several chunks
+
+
+def _call_id() -> str:
+    return "".join(random.choices(string.ascii_letters + string.digits, k=9))
+
+
+def reply(text: str, finish_reason: str = "stop") -> dict:
+    """A step: the assistant answers with text only."""
+    return {"kind": "reply", "text": text, "tool_calls": [], "finish_reason": finish_reason}
+
+
+def call(name: str, args: dict | str, id: str | None = None) -> dict:
+    """A step with one tool call. `args` as a dict is sent as JSON; a str is sent verbatim
+    (so malformed arguments can be scripted). `id` defaults to a valid random 9-char id."""
+    raw = args if isinstance(args, str) else json.dumps(args)
+    return calls([{"id": id or _call_id(), "name": name, "arguments": raw}])
+
+
+def calls(tool_calls: list[dict], text: str = "") -> dict:
+    """A step with several tool calls (each a `call(...)` step or an {id, name, arguments}
+    dict), optionally with text before them."""
+    flat: list[dict] = []
+    for item in tool_calls:
+        flat.extend(item["tool_calls"] if item.get("kind") == "reply" else [item])
+    return {"kind": "reply", "text": text, "tool_calls": flat, "finish_reason": "tool_calls"}
+
+
+def error(status: int, message: str, retry_after_ms: int | None = 10) -> dict:
+    """A step: an HTTP error with a vLLM-style JSON body. By default it asks the client to
+    retry after 10 ms, so retry tests stay fast; None sends no retry header."""
+    headers = {} if retry_after_ms is None else {"retry-after-ms": str(retry_after_ms)}
+    return {"kind": "error", "status": status, "message": message, "headers": headers}
+
+
+def hang(seconds: float = 2.0) -> dict:
+    """A step: read the request, then answer nothing for `seconds` (at most 10) and drop the
+    connection, for client timeouts."""
+    return {"kind": "hang", "seconds": min(float(seconds), 10.0)}
+
+
+class FakeLLM:
+    """Context manager running the scripted server on 127.0.0.1 (a free port) in a thread.
+
+    `models`: the model names served; a request for another gets vLLM's 404 without using a
+    step. None (default) accepts any name.
+    """
+
+    def __init__(self, script: list[dict], model: str = MODEL, models: list[str] | None = None):
+        self.script = list(script)
+        self.model = model
+        self.models = models
+        self.requests: list[dict] = []
+        self.headers: list[dict[str, str]] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "use FakeLLM as a context manager"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    @property
+    def remaining(self) -> int:
+        return len(self.script)
+
+    def __enter__(self) -> FakeLLM:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True  # a hanging handler must not block shutdown
+        # A short poll keeps shutdown (which waits for one poll) from adding 0.5 s per test.
+        serve = self._server.serve_forever
+        threading.Thread(target=serve, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopping.set()
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    def next_step(self, body: dict, headers: dict[str, str]) -> dict:
+        with self._lock:
+            self.requests.append(body)
+            self.headers.append({k.lower(): v for k, v in headers.items()})
+            if self.script:
+                return self.script.pop(0)
+            count = len(self.requests)
+        return error(500, f"FakeLLM script exhausted: request {count} has no scripted step")
+
+
+def _handler_for(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        llm = fake
+
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    llm: FakeLLM
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.rstrip("/") != "/v1/models":
+            return self._json(404, _error_body(404, f"no route {self.path}"))
+        names = self.llm.models or [self.llm.model]
+        self._json(200, {"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self._json(404, _error_body(404, f"no route {self.path}"))
+        if self.llm.models is not None and body.get("model") not in self.llm.models:
+            message = f"The model `{body.get('model')}` does not exist."
+            return self._json(404, _error_body(404, message))
+        step = self.llm.next_step(body, dict(self.headers))
+        if step["kind"] == "error":
+            return self._json(step["status"], _error_body(step["status"], step["message"]), step)
+        if step["kind"] == "hang":
+            self.llm.stopping.wait(step["seconds"])
+            self.close_connection = True
+            return None
+        model = body.get("model", self.llm.model)
+        if body.get("stream"):
+            return self._stream(step, model)
+        return self._json(200, _completion(step, model))
+
+    def _json(self, status: int, payload: dict, step: dict | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in ((step or {}).get("headers") or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, step: dict, model: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for chunk in _chunks(step, model):
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def _error_body(status: int, message: str) -> dict:
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}
+    return {
+        "object": "error",
+        "message": message,
+        "type": kind.get(status, "InternalServerError" if status >= 500 else "Error"),
+        "param": None,
+        "code": status,
+    }
+
+
+def _head(model: str, kind: str) -> dict:
+    return {"id": "chatcmpl-fake", "object": kind, "created": int(time.time()), "model": model}
+
+
+def _completion(step: dict, model: str) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": step["text"] or None}
+    if step["tool_calls"]:
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in step["tool_calls"]
+        ]
+    choice = {"index": 0, "message": message, "finish_reason": step["finish_reason"]}
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    return {**_head(model, "chat.completion"), "choices": [choice], "usage": usage}
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[i : i + PIECE] for i in range(0, len(text), PIECE)]
+
+
+def _chunks(step: dict, model: str):
+    """The SSE chunks of one reply, in vLLM's order."""
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return {**_head(model, "chat.completion.chunk"), "choices": [choice]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    for piece in _pieces(step["text"]):
+        yield chunk({"content": piece})
+    for index, c in enumerate(step["tool_calls"]):
+        first = {"index": index, "id": c["id"], "type": "function",
+                 "function": {"name": c["name"]}}
+        yield chunk({"tool_calls": [first]})
+        for piece in _pieces(c["arguments"]):
+            yield chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+    yield chunk({}, step["finish_reason"])
