@@ -250,9 +250,11 @@ def test_default_is_a_local_vllm_with_mistral_small_3_2():
     assert settings.context_window == 131072 and settings.stream and settings.max_retries == 3
 
 
-def test_a_mistral_key_alone_selects_mistrals_api():
-    settings = resolve_settings(env={"MISTRAL_API_KEY": SECRET})
-    assert settings.provider == "mistral" and settings.base_url == "https://api.mistral.ai/v1"
+def test_a_mistral_key_is_used_for_mistrals_api_and_never_sent_elsewhere():
+    local = resolve_settings(env={"MISTRAL_API_KEY": SECRET})
+    assert local.provider == "vllm" and local.api_key == "EMPTY"
+    settings = resolve_settings(env={"MISTRAL_API_KEY": SECRET}, provider="mistral")
+    assert settings.base_url == "https://api.mistral.ai/v1"
     assert settings.model == "mistral-small-latest" and settings.api_key == SECRET
 
 

@@ -176,9 +176,9 @@ def resolve_settings(env: Mapping[str, str] | None = None, **cli_options: Any) -
     `cli_options` are EndpointSettings fields (None means "flag not given"). Environment:
     BOOTH_PROVIDER, BOOTH_BASE_URL, BOOTH_MODEL, BOOTH_API_KEY, and MISTRAL_API_KEY as the
     key for Mistral's API only (a Mistral key is never handed to another server). With no
-    provider or URL at all, a MISTRAL_API_KEY in the environment selects Mistral's API;
-    otherwise a local vLLM is assumed. Raises EndpointError for an unknown provider or a
-    missing key.
+    provider or URL at all, a local vLLM is assumed, even when MISTRAL_API_KEY is set: the
+    hosted Small 3.2 is retired, and quietly switching to another model would surprise.
+    Raises EndpointError for an unknown provider or a missing key.
     """
     env = os.environ if env is None else env
     known = {f.name for f in fields(EndpointSettings)}
@@ -189,10 +189,7 @@ def resolve_settings(env: Mapping[str, str] | None = None, **cli_options: Any) -
     base_url = given.get("base_url") or env.get("BOOTH_BASE_URL")
     provider = given.get("provider") or env.get("BOOTH_PROVIDER")
     if not provider:
-        if base_url:
-            provider = _guess_provider(base_url)
-        else:
-            provider = "mistral" if env.get("MISTRAL_API_KEY") else "vllm"
+        provider = _guess_provider(base_url) if base_url else "vllm"
     if provider not in PRESETS:
         raise EndpointError(f"Unknown provider {provider!r}: choose one of {', '.join(PRESETS)}.")
     preset = PRESETS[provider]
