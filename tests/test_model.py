@@ -297,7 +297,7 @@ def test_settings_mistakes_are_clear():
 
 
 def test_describe_and_repr_never_show_the_key():
-    settings = resolve_settings(env={"MISTRAL_API_KEY": SECRET}, top_p=0.9)
+    settings = resolve_settings(env={"MISTRAL_API_KEY": SECRET}, provider="mistral", top_p=0.9)
     line = settings.describe()
     assert "mistral-small-latest" in line and "https://api.mistral.ai/v1" in line
     assert "temperature 0.15" in line and "top_p 0.9" in line and "key set" in line
