@@ -36,23 +36,24 @@ def register(app, tool_context, fail) -> None:
             help="What you want, in plain language (any language). Without it: read from "
             "stdin when piped, else asked at the prompt.")] = None,
         base_url: Annotated[str | None, typer.Option(
-            help="OpenAI-compatible endpoint [env BOOTH_BASE_URL; default: the provider's]",
+            help="OpenAI-compatible endpoint \\[env: BOOTH_BASE_URL; default: the provider's]",
             rich_help_panel=_ENDPOINT)] = None,
         model: Annotated[str | None, typer.Option(
-            help="Model name [env BOOTH_MODEL]", rich_help_panel=_ENDPOINT)] = None,
+            help="Model name \\[env: BOOTH_MODEL; default: the provider's]",
+            rich_help_panel=_ENDPOINT)] = None,
         api_key: Annotated[str | None, typer.Option(
-            help="API key [env BOOTH_API_KEY, or MISTRAL_API_KEY for Mistral's API]; "
+            help="API key \\[env: BOOTH_API_KEY, or MISTRAL_API_KEY for Mistral's API]; "
             "never written to the transcript", rich_help_panel=_ENDPOINT)] = None,
         provider: Annotated[str | None, typer.Option(
             help="Preset: vllm (default, localhost:8000), ollama, llamacpp, mistral "
-            "[env BOOTH_PROVIDER]", rich_help_panel=_ENDPOINT)] = None,
+            "\\[env: BOOTH_PROVIDER]", rich_help_panel=_ENDPOINT)] = None,
         context_window: Annotated[int | None, typer.Option(
             help="Tokens the server accepts; older tool outputs are shortened to fit",
             rich_help_panel=_ENDPOINT)] = None,
         timeout: Annotated[float | None, typer.Option(
             help="Seconds to wait for the server", rich_help_panel=_ENDPOINT)] = None,
         temperature: Annotated[float | None, typer.Option(
-            help="[default: 0.15, Mistral's advice]", rich_help_panel=_SAMPLING)] = None,
+            help="\\[default: 0.15, Mistral's advice]", rich_help_panel=_SAMPLING)] = None,
         top_p: Annotated[float | None, typer.Option(rich_help_panel=_SAMPLING)] = None,
         max_tokens: Annotated[int | None, typer.Option(rich_help_panel=_SAMPLING)] = None,
         frequency_penalty: Annotated[float | None, typer.Option(
@@ -67,7 +68,8 @@ def register(app, tool_context, fail) -> None:
         yes: Annotated[bool, typer.Option(
             "--yes", "-y", help="Approve every tool call without asking (for scripts)")] = False,
         transcript: Annotated[Path | None, typer.Option(
-            help="Where to write the session [default: <workspace>/transcripts/…]")] = None,
+            help="Where to write the session "
+            "\\[default: <workspace>/transcripts/<date>-<goal>.jsonl]")] = None,
         resume: Annotated[Path | None, typer.Option(
             help="Continue the conversation saved in this transcript")] = None,
     ) -> None:
@@ -165,7 +167,7 @@ def _reader(ui):
 
     def read(prompt: str) -> str:
         ui.end_text()
-        return ui.console.input(prompt)
+        return ui.console.input(prompt, markup=False)
 
     return read
 
@@ -177,6 +179,7 @@ def _converse(session, read) -> None:
         try:
             text = read("\nyou> ").strip()
         except (EOFError, KeyboardInterrupt):
+            session.ui.console.print()  # end the prompt's line
             return
         if text in _END_WORDS:
             return

@@ -1,0 +1,284 @@
+"""The agent loop: user turn -> model turn -> validate calls -> approve -> run -> answer.
+
+    session.send("teach the model my dog")   # True when the model answered without tools
+
+The loop knows tools only through the registry (`booth.tools.TOOLS`), asks the approval
+policy before running anything, and records every event in the transcript as it happens.
+Control flow that ends a user turn early is a small exception carrying its message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from booth.agent import wire
+from booth.agent.history import estimate_tokens, fit_history
+from booth.agent.model import AssistantTurn, ChatModel, EndpointError, ToolCall
+from booth.agent.transcript import TranscriptWriter, open_for_resume, unanswered_calls
+from booth.agent.ui import ChatUI
+from booth.tools import TOOLS, ToolArgumentError, ToolError, parse_arguments
+
+log = logging.getLogger("booth.agent")
+
+MAX_MODEL_TURNS = 25  # per user message: a confused model cannot loop forever
+MAX_INVALID_IN_ROW = 3
+
+
+class AgentStop(Exception):
+    """Ends the current user turn early; the message tells the user why and what to do."""
+
+
+class InvalidCallLimit(AgentStop):
+    pass
+
+
+class TurnLimit(AgentStop):
+    pass
+
+
+class SessionAborted(KeyboardInterrupt):
+    """The second Ctrl-C: the session ends now, leaving checkpoints and transcript behind.
+
+    A KeyboardInterrupt, so that a tool's `except Exception` cannot swallow it.
+    """
+
+
+def _safe_names(message: dict) -> dict:
+    """Function names Mistral accepts in the history ("prepare dataset!" would make every
+    later request fail); the raw name stays in the transcript and in the error sent back."""
+    for call in message.get("tool_calls") or []:
+        name = re.sub(r"[^a-zA-Z0-9_-]", "_", call["function"]["name"])[:64]
+        call["function"]["name"] = name or "unnamed"
+    return message
+
+
+class Session:
+    """One conversation: the messages, the model, the approval policy and the transcript."""
+
+    def __init__(self, model: ChatModel, ctx, policy, *, system_prompt: str | None = None,
+                 transcript: TranscriptWriter | None = None, ui: ChatUI | None = None,
+                 messages: list[dict] | None = None, tools: dict | None = None,
+                 context_window: int | None = None, reserve_tokens: int = 4096,
+                 max_model_turns: int = MAX_MODEL_TURNS,
+                 on_result: Callable[[dict], None] | None = None):
+        from booth.agent.prompt import build_system_prompt
+
+        self.model, self.ctx, self.policy = model, ctx, policy
+        self.system_prompt = system_prompt or build_system_prompt(ctx)
+        self.transcript, self.ui = transcript, ui or ChatUI()
+        self.messages: list[dict] = list(messages or [])
+        self.tools = TOOLS if tools is None else tools
+        self.context_window, self.reserve_tokens = context_window, reserve_tokens
+        self.max_model_turns = max_model_turns
+        self.on_result = on_result  # called with each tool_result event (replay compares them)
+        self.invalid_in_row = 0
+        self._last_notice: str | None = None
+
+    @property
+    def tool_specs(self) -> list[dict]:
+        return [tool.openai_spec() for tool in self.tools.values()]
+
+    # -- a user turn ----------------------------------------------------------------------
+    def send(self, text: str) -> bool:
+        """Add the user's message and run the model until it answers without tool calls.
+
+        Returns False when the turn ended early (endpoint error, too many invalid calls,
+        too many model turns, Ctrl-C while the model was answering); the session goes on.
+        """
+        self._add("user", {"role": "user", "content": text})
+        return self.run()
+
+    def run(self) -> bool:
+        """Query the model (again) from the current messages; see `send`."""
+        self.invalid_in_row = 0
+        try:
+            for _ in range(self.max_model_turns):
+                turn, sent = self._query()
+                if not turn.tool_calls:
+                    return True
+                self._execute(turn.tool_calls, [c["id"] for c in sent["tool_calls"]])
+            raise TurnLimit(f"Stopped after {self.max_model_turns} model turns without a final "
+                            "answer; tell the model how to go on, or start over.")
+        except EndpointError as error:
+            self.ui.error(str(error))
+            self._record("endpoint_error", error=str(error))
+        except AgentStop as error:
+            self.ui.notice(str(error))
+            self._record("notice", text=str(error))
+        except SessionAborted:
+            raise
+        except KeyboardInterrupt:  # Ctrl-C outside a tool, e.g. while the model was answering
+            for call_id, name in unanswered_calls(self.messages):  # keep the history valid
+                self._answer(call_id, "Error: not run: the user interrupted.", "tool_result",
+                             tool=name, ok=False, error="interrupted before it ran")
+            self.ui.notice("Interrupted. Type a new message.")
+            self._record("interrupted", text="the user interrupted the turn")
+        return False
+
+    def _query(self) -> tuple[AssistantTurn, dict]:
+        messages = [{"role": "system", "content": self.system_prompt}, *self.messages]
+        if self.context_window:
+            reserve = self.reserve_tokens + estimate_tokens(self.tool_specs)
+            messages, notice = fit_history(messages, self.context_window, reserve)
+            if notice and notice != self._last_notice:
+                self.ui.notice(notice)
+                self._record("notice", text=notice)
+            self._last_notice = notice
+        turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text)
+        self.ui.end_text()
+        sent = _safe_names(wire.assistant_message(turn, self._used_ids()))
+        raw_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                     for c in turn.tool_calls]
+        self._add("assistant", sent, content=turn.content, tool_calls=raw_calls,
+                  finish_reason=turn.finish_reason)
+        return turn, sent
+
+    def _used_ids(self) -> set[str]:
+        used = {m["tool_call_id"] for m in self.messages if m.get("tool_call_id")}
+        for message in self.messages:
+            used.update(c["id"] for c in message.get("tool_calls") or [])
+        return used
+
+    # -- tool calls -----------------------------------------------------------------------
+    def _execute(self, calls: list[ToolCall], ids: list[str]) -> None:
+        """Answer every call of the turn, in order, each with its own tool message."""
+        for call, call_id in zip(calls, ids, strict=True):
+            if self.invalid_in_row >= MAX_INVALID_IN_ROW:
+                self._answer(call_id, "Error: not run: the loop stopped after "
+                             f"{MAX_INVALID_IN_ROW} invalid calls in a row.", "tool_result",
+                             tool=call.name, ok=False, error="skipped")
+            else:
+                self._handle(call, call_id)
+        if self.invalid_in_row >= MAX_INVALID_IN_ROW:
+            raise InvalidCallLimit(
+                f"The model made {MAX_INVALID_IN_ROW} invalid tool calls in a row, so booth "
+                "stopped asking it. Say how to go on (e.g. name the dataset or the values to use)."
+            )
+
+    def _handle(self, call: ToolCall, call_id: str) -> None:
+        try:
+            tool = self._lookup(call.name)
+            arguments = tool.validate(parse_arguments(call.arguments))
+        except ToolArgumentError as error:
+            self.invalid_in_row += 1
+            self.ui.invalid_call(call.name, str(error))
+            text = f"Error: {str(error).rstrip('.')}. Nothing was run; correct the call and retry."
+            self._answer(call_id, text, "validation_error", tool=call.name, error=str(error))
+            return
+        self.invalid_in_row = 0
+        decision = self.policy.decide(tool, call_id, arguments, self.ctx)
+        fields = dict(call_id=call_id, tool=tool.name, decision=decision.label,
+                      arguments=decision.arguments, edited=decision.edited, reason=decision.reason)
+        if decision.action != "run":
+            reason = f": {decision.reason}" if decision.reason else "."
+            self._add("approval", self._tool_message(call_id, f"Cancelled by the user{reason}"),
+                      **fields)
+            return
+        self._record("approval", **fields)
+        self._run_tool(tool, call_id, decision.arguments)
+
+    def _lookup(self, name: str):
+        if name not in self.tools:
+            raise ToolArgumentError(f"unknown tool {name!r}; available: {', '.join(self.tools)}")
+        return self.tools[name]
+
+    def _run_tool(self, tool, call_id: str, arguments: dict) -> None:
+        outcome: dict[str, Any] = {"ok": True}
+        start = time.monotonic()
+        try:
+            with self._interruptible():
+                outcome["result"] = tool.run(self.ctx, arguments)
+        except ToolError as error:
+            outcome = {"ok": False, "error": str(error)}
+        except KeyboardInterrupt:  # the second Ctrl-C: answer the call, then end the session
+            self._answer(call_id, "Error: the user aborted the session (Ctrl-C) while this "
+                         "tool ran.", "tool_result", tool=tool.name, arguments=arguments,
+                         ok=False, error="aborted", seconds=round(time.monotonic() - start, 3))
+            self._record("interrupted", text="session aborted by a second Ctrl-C")
+            raise SessionAborted from None
+        except Exception as error:  # a bug in a tool must not end the session
+            log.exception("tool %s failed", tool.name)
+            outcome = {"ok": False, "error": f"{type(error).__name__}: {error}",
+                       "traceback": traceback.format_exc()}
+        outcome["seconds"] = round(time.monotonic() - start, 3)
+        self._report(tool, call_id, arguments, outcome)
+
+    def _report(self, tool, call_id: str, arguments: dict, outcome: dict) -> None:
+        if outcome["ok"]:
+            self.ui.tool_result(tool.name, outcome["result"], outcome["seconds"])
+            text = json.dumps(outcome["result"], ensure_ascii=False, default=str)
+        else:
+            self.ui.tool_error(tool.name, outcome["error"])
+            text = f"Error: {outcome['error']}"
+        if self.ctx.stop_requested.is_set():
+            self.ctx.stop_requested.clear()
+            text = ("The user pressed Ctrl-C while the tool ran, asking it to stop at a safe "
+                    "point; its result: " + text)
+            self._record("interrupted", call_id=call_id, text="Ctrl-C: tool asked to stop")
+        event = self._answer(call_id, text, "tool_result", tool=tool.name, arguments=arguments,
+                             **outcome)
+        if self.on_result:
+            self.on_result(event)
+
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """First Ctrl-C asks the tool to stop at a safe point; the second aborts."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_interrupt(signum, frame):
+            if self.ctx.stop_requested.is_set():
+                raise SessionAborted
+            self.ctx.stop_requested.set()
+            # The tool's console: it draws the progress bar, so the line lands above it.
+            self.ctx.console.print("[yellow]Stopping at the next safe point "
+                                   "(Ctrl-C again to abort the session)...[/]")
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    # -- messages and transcript ------------------------------------------------------------
+    @staticmethod
+    def _tool_message(call_id: str, content: str) -> dict:
+        return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+    def _answer(self, call_id: str, content: str, kind: str, **fields: Any) -> dict:
+        return self._add(kind, self._tool_message(call_id, content), call_id=call_id, **fields)
+
+    def _add(self, kind: str, message: dict, **fields: Any) -> dict:
+        """Append a message to the conversation and record it with its event."""
+        self.messages.append(message)
+        return self._record(kind, message=message, **fields)
+
+    def _record(self, kind: str, **fields: Any) -> dict:
+        if self.transcript is None:
+            return {"type": kind, **fields}
+        return self.transcript.write(kind, **fields)
+
+    # -- resuming -------------------------------------------------------------------------
+    @classmethod
+    def from_transcript(cls, path: str | Path, model: ChatModel, ctx, policy, *,
+                        header: dict, new_path: str | Path | None = None,
+                        secrets: list[str] | None = None, **options: Any) -> Session:
+        """Continue a saved conversation (`booth chat --resume PATH`); see `open_for_resume`.
+
+        `header` describes the new session; its fresh system prompt replaces the old one,
+        because the workspace has changed since.
+        """
+        writer, messages = open_for_resume(path, header, new_path, secrets)
+        return cls(model, ctx, policy, system_prompt=header.get("system_prompt"),
+                   transcript=writer, messages=messages, **options)

@@ -1,0 +1,282 @@
+"""Versioned JSONL transcripts: a header line, then one line per event, written as it happens.
+
+    {"type": "header", "format": "booth-transcript", "version": 1, "model": ..., ...}
+    {"type": "user", "time": ..., "message": {"role": "user", "content": "..."}}
+    {"type": "assistant", "content": ..., "tool_calls": [raw calls], "message": {...sent form}}
+    {"type": "validation_error", "call_id": ..., "tool": ..., "error": ..., "message": {...}}
+    {"type": "approval", "call_id": ..., "decision": "approved|refused|edited|always", ...}
+    {"type": "tool_result", "call_id": ..., "arguments": ..., "ok": ..., "result"|"error": ...}
+    {"type": "endpoint_error" | "notice" | "interrupted" | "resumed", ...}
+
+One rule makes resuming trivial: every event that adds a message to the conversation carries
+that exact message in its "message" field, so the conversation is
+`[e["message"] for e in events if "message" in e]` (the system prompt lives in the header and
+is rebuilt fresh on resume, because the workspace has changed since).
+
+Each line is flushed and fsynced before the loop goes on, so a crash leaves a valid file up to
+the last event. The API key is never given to the writer; as a second guard the writer masks
+any secret it was told about should it ever appear in a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+FORMAT = "booth-transcript"
+VERSION = 1
+
+EVENT_TYPES = {
+    "user",
+    "assistant",
+    "validation_error",
+    "approval",
+    "tool_result",
+    "endpoint_error",
+    "notice",
+    "interrupted",
+    "resumed",
+}
+
+
+class TranscriptError(Exception):
+    """A transcript file cannot be read; the message names the file and the line."""
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def make_header(
+    *,
+    model: str,
+    endpoint: str | dict[str, Any],
+    sampling: dict[str, Any],
+    tools: list[dict],
+    system_prompt: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The first line of a transcript. `endpoint` is settings.describe(): never the key."""
+    from booth import __version__
+
+    return {
+        "type": "header",
+        "format": FORMAT,
+        "version": VERSION,
+        "booth_version": __version__,
+        "created": _now(),
+        "model": model,
+        "endpoint": endpoint,
+        "sampling": sampling,
+        "tools": tools,
+        "system_prompt": system_prompt,
+        **extra,
+    }
+
+
+def default_path(transcripts_dir: Path, goal: str | None, now: datetime | None = None) -> Path:
+    """<transcripts>/<yyyymmdd-HHMMSS>-<slug of the goal>.jsonl, never an existing file."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    slug = re.sub(r"[^a-z0-9]+", "-", (goal or "chat").lower()).strip("-")[:40].strip("-")
+    path = transcripts_dir / f"{stamp}-{slug or 'chat'}.jsonl"
+    counter = 2
+    while path.exists():
+        path = transcripts_dir / f"{stamp}-{slug or 'chat'}-{counter}.jsonl"
+        counter += 1
+    return path
+
+
+class TranscriptWriter:
+    """Appends events to a transcript file, one fsynced JSON line each."""
+
+    def __init__(self, path: Path, secrets: list[str] | None = None):
+        self.path = Path(path)
+        self._secrets = [s for s in (secrets or []) if s and len(s) >= 4]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # kept open: one line per event
+
+    @classmethod
+    def create(cls, path: Path, header: dict, secrets: list[str] | None = None):
+        """Start a new transcript with `header` as its first line."""
+        if Path(path).exists() and Path(path).stat().st_size > 0:
+            raise TranscriptError(f"{path} already exists; choose another --transcript path")
+        writer = cls(path, secrets)
+        writer._write_line(header)
+        return writer
+
+    def write(self, type: str, **fields: Any) -> dict[str, Any]:
+        """Record one event now; returns the event as written."""
+        if type not in EVENT_TYPES:
+            raise ValueError(f"unknown transcript event type {type!r}")
+        event = {"type": type, "time": _now(), **fields}
+        self._write_line(event)
+        return event
+
+    def write_event(self, event: dict) -> None:
+        """Copy an event read from another transcript, as it was (its time included)."""
+        if event.get("type") not in EVENT_TYPES:
+            raise ValueError(f"unknown transcript event type {event.get('type')!r}")
+        self._write_line(event)
+
+    def _write_line(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        for secret in self._secrets:
+            line = line.replace(secret, "***")
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line left half-written by a crash, so appended events start on a new line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    tail = data[data.rfind(b"\n") + 1 :]
+    with open(path, "r+b") as file:
+        if _is_json(tail.decode("utf-8", "replace")):
+            file.seek(0, os.SEEK_END)
+            file.write(b"\n")  # a whole event, only missing its newline (edited by hand)
+        else:
+            file.truncate(len(data) - len(tail))
+
+
+def read_transcript(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(header, events) of a transcript, or a TranscriptError naming the bad line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise TranscriptError(f"cannot read transcript {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise TranscriptError(f"{path} is not a text file (not UTF-8)") from None
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line breaks.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    elif not _is_json(lines[-1]):
+        lines.pop()  # a last line torn by a crash mid-write: every event before it is whole
+    records = [(n, _parse_line(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
+    if not records:
+        raise TranscriptError(f"{path} is empty: a transcript starts with a header line")
+    (first_line, header), events = records[0], records[1:]
+    _check_header(path, first_line, header)
+    for number, event in events:
+        if event["type"] not in EVENT_TYPES:
+            raise TranscriptError(f"{path}:{number}: unknown event type {event['type']!r}")
+        if "message" in event and not isinstance(event["message"], dict):
+            raise TranscriptError(f"{path}:{number}: 'message' must be a JSON object")
+    return header, [event for _, event in events]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_line(path: Path, number: int, text: str) -> dict:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TranscriptError(
+            f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+        ) from None
+    if not isinstance(record, dict):
+        raise TranscriptError(f"{path}:{number}: each line must be a JSON object")
+    if not isinstance(record.get("type"), str):
+        raise TranscriptError(f"{path}:{number}: the line has no 'type' field")
+    return record
+
+
+def _check_header(path: Path, number: int, header: dict) -> None:
+    if header["type"] != "header" or header.get("format") != FORMAT:
+        raise TranscriptError(
+            f"{path}:{number}: the first line must be a {FORMAT} header "
+            "(is this a booth transcript?)"
+        )
+    if header.get("version") != VERSION:
+        raise TranscriptError(
+            f"{path}:{number}: transcript version {header.get('version')!r} is not supported "
+            f"(this booth reads version {VERSION})"
+        )
+
+
+def conversation(events: list[dict]) -> list[dict]:
+    """The messages of the conversation (without the system prompt), in order."""
+    return [event["message"] for event in events if "message" in event]
+
+
+def assistant_turns(events: list[dict]):
+    """The recorded assistant turns with the model's raw calls, in order (for replay)."""
+    from booth.agent.model import AssistantTurn, ToolCall
+
+    return [
+        AssistantTurn(
+            content=event.get("content") or "",
+            tool_calls=[
+                ToolCall(c.get("id", ""), c.get("name", ""), c.get("arguments", ""))
+                for c in event.get("tool_calls") or []
+            ],
+            finish_reason=event.get("finish_reason"),
+        )
+        for event in events
+        if event["type"] == "assistant"
+    ]
+
+
+def open_for_resume(
+    path: str | os.PathLike,
+    header: dict,
+    new_path: str | os.PathLike | None = None,
+    secrets: list[str] | None = None,
+) -> tuple[TranscriptWriter, list[dict]]:
+    """(writer, conversation) to continue the session saved in `path`.
+
+    Without `new_path` the events go on in the same file, after a "resumed" event carrying the
+    new session's header fields. With `new_path`, a new file starts with `header` plus
+    `resumed_from` and a copy of the old events, so that either file alone holds the whole
+    conversation. Calls a crash left unanswered are answered ("no result"), so the history
+    obeys Mistral's rules again.
+    """
+    _, events = read_transcript(path)
+    if new_path is None or Path(new_path).resolve() == Path(path).resolve():
+        writer = TranscriptWriter(Path(path), secrets)
+        fresh = {k: v for k, v in header.items() if k not in ("type", "format", "version")}
+        writer.write("resumed", **fresh)
+    else:
+        writer = TranscriptWriter.create(Path(new_path), {**header, "resumed_from": str(path)},
+                                         secrets)
+        for event in events:
+            writer.write_event(event)
+    messages = conversation(events)
+    for call_id, name in unanswered_calls(messages):
+        message = {"role": "tool", "tool_call_id": call_id,
+                   "content": "Error: no result: the session ended before this call finished."}
+        writer.write("tool_result", call_id=call_id, tool=name, ok=False,
+                     error="no result (the session ended)", message=message)
+        messages.append(message)
+    return writer, messages
+
+
+def unanswered_calls(messages: list[dict]) -> list[tuple[str, str]]:
+    """(id, tool) of the last assistant turn's calls that no tool message answers."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        return []
+    answered = {m.get("tool_call_id") for m in messages[last + 1 :]}
+    calls = messages[last].get("tool_calls") or []
+    return [(c["id"], c["function"]["name"]) for c in calls if c["id"] not in answered]

@@ -1,0 +1,126 @@
+"""Terminal rendering of a chat session (rich): streamed text, tool calls, results, errors.
+
+The loop and the approval policies only call these methods, so replay can show a session
+exactly as the live chat did, and tests can capture it with `Console(file=StringIO())`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+_VALUE_WIDTH = 90
+
+
+def _short(value: Any, width: int = _VALUE_WIDTH) -> str:
+    """A value on one line, cut at `width` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def arguments_table(arguments: dict, defaults: dict | None = None,
+                    order: list[str] | None = None) -> Table:
+    """The arguments of a call; values equal to the tool's default are marked as such."""
+    defaults = defaults or {}
+    if order:  # the schema's order reads better than defaults-first
+        arguments = {**{k: arguments[k] for k in order if k in arguments}, **arguments}
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("argument", style="cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_column("", style="dim", no_wrap=True)
+    for key, value in arguments.items():
+        is_default = key in defaults and defaults[key] == value
+        table.add_row(key, _short(value, 200), "default" if is_default else "")
+    if not arguments:
+        table.add_row("(none)", "", "")
+    return table
+
+
+class ChatUI:
+    """Everything the user sees of the agent, printed through one rich console."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(highlight=False)
+        self._streaming = False
+
+    # -- assistant text -------------------------------------------------------------------
+    def text(self, chunk: str) -> None:
+        """One streamed chunk of assistant text, printed as it arrives."""
+        if not self._streaming:
+            self.console.print()
+            self._streaming = True
+        self.console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
+
+    def end_text(self) -> None:
+        """The assistant turn is over: close the streamed line."""
+        if self._streaming:
+            self.console.print()
+            self._streaming = False
+
+    # -- tool calls -----------------------------------------------------------------------
+    def tool_call(self, name: str, arguments: dict, defaults: dict | None = None,
+                  cost: str | None = None, title: str = "tool call",
+                  order: list[str] | None = None) -> None:
+        """The call about to be approved or run: tool name, arguments table (in the schema's
+        `order`, defaults marked), cost line."""
+        self.end_text()
+        parts: list[Any] = [arguments_table(arguments, defaults, order)]
+        if cost:
+            parts.append(Text(f"cost: {cost}", style="yellow"))
+        self.console.print(
+            Panel(Group(*parts), title=f"[bold]{escape(title)}: {escape(name)}[/]",
+                  title_align="left", border_style="cyan", expand=False)
+        )
+
+    def tool_result(self, name: str, result: Any, seconds: float) -> None:
+        """A short summary of a finished call's JSON result: one line per field, lists
+        item by item (the paths of sampled images matter to the user)."""
+        self.console.print(f"[green]✓ {escape(name)}[/] done in {seconds:.1f} s", highlight=False)
+        if not isinstance(result, dict):
+            return
+        for key, value in list(result.items())[:12]:
+            if isinstance(value, list) and value:
+                self._line(f"  [dim]{escape(key)}:[/] {len(value)} item(s)")
+                for item in value[:4]:
+                    self._line(f"    - {escape(_short(item, 200))}")
+                if len(value) > 4:
+                    self._line(f"    [dim]… and {len(value) - 4} more[/]")
+            else:
+                self._line(f"  [dim]{escape(key)}:[/] {escape(_short(value))}")
+
+    def _line(self, markup: str) -> None:
+        self.console.print(markup, highlight=False, no_wrap=True, overflow="ellipsis")
+
+    def tool_error(self, name: str, message: str) -> None:
+        self.console.print(f"[red]✗ {escape(name)}: {escape(message)}[/]", highlight=False)
+
+    def invalid_call(self, name: str, message: str) -> None:
+        """A call that failed validation: nothing ran; the model is told why."""
+        self.end_text()
+        self.console.print(
+            f"[red]✗ invalid call to {escape(name or '(no name)')}: {escape(message)}[/] "
+            "[dim](nothing ran; the model was told)[/]",
+            highlight=False,
+        )
+
+    def refused(self, name: str, reason: str | None) -> None:
+        extra = f": {escape(reason)}" if reason else ""
+        self.console.print(f"[yellow]refused {escape(name)}{extra}[/]", highlight=False)
+
+    # -- the session ----------------------------------------------------------------------
+    def error(self, message: str) -> None:
+        self.end_text()
+        self.console.print(f"[bold red]error:[/] [red]{escape(message)}[/]", highlight=False)
+
+    def notice(self, message: str) -> None:
+        self.end_text()
+        self.console.print(f"[yellow]{escape(message)}[/]", highlight=False)
+
+    def info(self, message: str) -> None:
+        self.console.print(f"[dim]{escape(message)}[/]", highlight=False)

@@ -1,0 +1,143 @@
+"""Transcripts: versioned JSONL, one fsynced line per event, readable after a crash."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime
+
+import pytest
+
+from booth.agent.transcript import (
+    TranscriptError,
+    TranscriptWriter,
+    assistant_turns,
+    conversation,
+    default_path,
+    make_header,
+    read_transcript,
+)
+
+
+def header(**extra):
+    return make_header(model="m", endpoint="m at http://x/v1 (vllm), no key",
+                       sampling={"temperature": 0.15}, tools=[], system_prompt="be nice", **extra)
+
+
+def write_session(path):
+    writer = TranscriptWriter.create(path, header())
+    writer.write("user", message={"role": "user", "content": "hi"})
+    sent = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "abcDEF123", "type": "function",
+         "function": {"name": "sample", "arguments": "{}"}}]}
+    writer.write("assistant", content="", finish_reason="tool_calls", message=sent,
+                 tool_calls=[{"id": "call_1", "name": "sample", "arguments": "{oops"}])
+    writer.write("validation_error", call_id="abcDEF123", tool="sample", error="not JSON",
+                 message={"role": "tool", "tool_call_id": "abcDEF123", "content": "Error: x"})
+    writer.write("notice", text="history shortened")
+    return writer
+
+
+def test_header_then_events_round_trip_and_conversation_is_the_messages(tmp_path):
+    path = tmp_path / "t.jsonl"
+    write_session(path).close()
+    head, events = read_transcript(path)
+    assert head["format"] == "booth-transcript" and head["version"] == 1
+    assert head["booth_version"] and head["created"] and head["system_prompt"] == "be nice"
+    assert [e["type"] for e in events] == ["user", "assistant", "validation_error", "notice"]
+    assert all("time" in e for e in events)
+    roles = [m["role"] for m in conversation(events)]
+    assert roles == ["user", "assistant", "tool"]
+    # The raw text the model sent is kept beside the repaired form that was sent back.
+    assert events[1]["tool_calls"][0]["arguments"] == "{oops"
+    (turn,) = assistant_turns(events)
+    assert turn.tool_calls[0].arguments == "{oops" and turn.finish_reason == "tool_calls"
+
+
+def test_each_event_is_on_disk_before_the_writer_is_closed(tmp_path):
+    path = tmp_path / "t.jsonl"
+    writer = write_session(path)  # not closed: as if the process were about to die
+    _, events = read_transcript(path)
+    assert len(events) == 4
+    writer.close()
+
+
+def test_a_killed_process_leaves_a_valid_transcript(tmp_path):
+    path = tmp_path / "t.jsonl"
+    code = (
+        "import os, sys\n"
+        "from booth.agent.transcript import TranscriptWriter, make_header\n"
+        "w = TranscriptWriter.create(sys.argv[1], make_header(model='m', endpoint='e', "
+        "sampling={}, tools=[], system_prompt='s'))\n"
+        "w.write('user', message={'role': 'user', 'content': 'hi'})\n"
+        "w._file.write('{\"type\": \"assist')\n"  # a line torn mid-write
+        "w._file.flush()\n"
+        "os._exit(9)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=False)
+    _, events = read_transcript(path)
+    assert [e["type"] for e in events] == ["user"]
+    # Appending after the crash starts on a fresh line: the torn one is cut.
+    writer = TranscriptWriter(path)
+    writer.write("notice", text="resumed")
+    writer.close()
+    assert [e["type"] for e in read_transcript(path)[1]] == ["user", "notice"]
+
+
+def test_line_separators_inside_strings_do_not_split_events(tmp_path):
+    path = tmp_path / "t.jsonl"
+    writer = TranscriptWriter.create(path, header())
+    writer.write("user", message={"role": "user", "content": "a\u2028b\u0085c"})
+    writer.close()
+    assert read_transcript(path)[1][0]["message"]["content"] == "a\u2028b\u0085c"
+
+
+def test_secrets_are_masked_wherever_they_appear(tmp_path):
+    path = tmp_path / "t.jsonl"
+    writer = TranscriptWriter.create(path, header(), secrets=["sk-SECRET-123"])
+    writer.write("user", message={"role": "user", "content": "my key is sk-SECRET-123"})
+    writer.close()
+    text = path.read_text()
+    assert "sk-SECRET-123" not in text and "my key is ***" in text
+
+
+def test_create_refuses_to_overwrite_a_transcript(tmp_path):
+    path = tmp_path / "t.jsonl"
+    write_session(path).close()
+    with pytest.raises(TranscriptError, match="already exists"):
+        TranscriptWriter.create(path, header())
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["{not json"], r"t\.jsonl:1: not valid JSON"),
+        ([json.dumps(header()), "[1, 2]"], r":2: each line must be a JSON object"),
+        ([json.dumps(header()), '{"message": {}}'], r":2: the line has no 'type' field"),
+        ([json.dumps(header()), '{"type": "dance"}'], r":2: unknown event type 'dance'"),
+        ([json.dumps({**header(), "version": 7})], r":1: transcript version 7 is not supported"),
+        (['{"type": "user", "message": {}}'], r":1: the first line must be a booth-transcript"),
+        ([json.dumps(header()), "", "oops", '{"type": "notice"}'], r":3: not valid JSON"),
+        ([], r"is empty"),
+    ],
+)
+def test_malformed_transcripts_name_the_line(tmp_path, lines, expected):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(TranscriptError, match=expected):
+        read_transcript(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(TranscriptError, match="cannot read transcript"):
+        read_transcript(tmp_path / "nope.jsonl")
+
+
+def test_default_path_is_dated_slugged_and_never_reused(tmp_path):
+    now = datetime(2026, 5, 4, 3, 2, 1)
+    first = default_path(tmp_path, "Teach the model my dog Rex!", now)
+    assert first.name == "20260504-030201-teach-the-model-my-dog-rex.jsonl"
+    first.write_text("x")
+    assert default_path(tmp_path, "Teach the model my dog Rex!", now).name.endswith("-2.jsonl")
+    assert default_path(tmp_path, "犬を月に", now).name == "20260504-030201-chat.jsonl"
