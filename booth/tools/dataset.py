@@ -1,0 +1,204 @@
+"""The `prepare_dataset` tool: a folder of subject photos -> a prepared dataset in the workspace.
+
+Layout written: `datasets/<name>/images/0001.png ...` and `datasets/<name>/manifest.json`,
+which the train tool reads (name, source, class_noun, instance_token, instance_prompt,
+class_prompt, resolution, images[file, source, sha256], rejected, warnings).
+
+Re-preparing a name that exists: the dataset is rebuilt and swapped in when it came from the
+same source folder (the usual "I added photos" case); a dataset of the same name made from a
+different folder is refused, since replacing it would silently lose another subject.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from booth.tools.context import ToolContext
+from booth.tools.registry import Param, ToolError, tool
+from booth.tools.workspace import check_name
+
+MIN_PHOTOS, MAX_PHOTOS = 3, 30      # DreamBooth practice: 3-20 photos, a few more is fine
+_RESULT_REJECTED_LIMIT = 40         # the full list is in manifest.json; keep the reply short
+
+
+@tool
+def prepare_dataset(
+    ctx: ToolContext,
+    images_dir: Annotated[str, Param("Folder holding the subject's photos (searched "
+                                     "recursively; ~ allowed)", min_length=1, max_length=1000)],
+    class_noun: Annotated[str, Param("What the subject is, one or two words: 'dog', 'person', "
+                                     "'backpack'", min_length=1, max_length=50,
+                                     pattern=r"^[^\n\r]+$")],
+    instance_token: Annotated[str, Param("Rare identifier bound to the subject",
+                                         pattern=r"^[A-Za-z0-9_<>-]{1,32}$")] = "sks",
+    resolution: Annotated[int, Param("Square training resolution in pixels, a multiple of 8 "
+                                     "(512 for SD 1.x)", minimum=64, maximum=1024)] = 512,
+    name: Annotated[str | None, Param("Dataset name (default: from the folder name)",
+                                      pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = None,
+) -> dict:
+    """Prepare a folder of photos of one subject for DreamBooth training.
+
+    Each photo is EXIF-oriented, converted to RGB, center-cropped and resized to the
+    resolution; every file that cannot be used is listed with the reason. Returns the dataset
+    name, the instance prompt ('a photo of sks dog') and class prompt ('a photo of a dog').
+    """
+    from booth.dreambooth.images import prepare_images
+
+    if resolution % 8:
+        raise ToolError(f"resolution {resolution} is not a multiple of 8 (try "
+                        f"{round(resolution / 8) * 8})")
+    source = _source_folder(images_dir)
+    class_noun = _clean_noun(class_noun)
+    name = check_name(name or default_name(source), "dataset name")
+    target = ctx.workspace.dataset_dir(name)
+    _check_replace(target, source)
+    started = time.monotonic()
+    staging = target.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            report = prepare_images(source, staging, resolution,
+                                    exclude=[ctx.workspace.root], console=ctx.console)
+        except ValueError as error:  # e.g. the source folder holds the workspace's datasets/
+            raise ToolError(f"cannot prepare {source}: {error}") from None
+        if not report.kept:
+            raise ToolError(_nothing_usable(source, report))
+        manifest = _manifest(name, source, class_noun, instance_token, resolution, report)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        replaced = _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _result(manifest, target, replaced, time.monotonic() - started)
+
+
+def _source_folder(images_dir: str) -> Path:
+    source = Path(images_dir).expanduser()
+    if not source.exists():
+        raise ToolError(f"images_dir {images_dir!r} does not exist ({source.absolute()})")
+    if not source.is_dir():
+        raise ToolError(f"images_dir {images_dir!r} is a file, not a folder: give the folder "
+                        "that holds the photos")
+    return source.resolve()
+
+
+def _clean_noun(class_noun: str) -> str:
+    noun = " ".join(class_noun.split())
+    noun = re.sub(r"^(a|an|the)\s+", "", noun, flags=re.IGNORECASE)
+    if not noun:
+        raise ToolError("class_noun is empty: say what the subject is, e.g. 'dog'")
+    return noun
+
+
+def default_name(source: Path) -> str:
+    """A dataset name from the folder's name, reduced to what workspace names allow."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name).strip("-._")[:64].rstrip("-._")
+    cleaned = cleaned.replace("..", ".")
+    return cleaned or "dataset"
+
+
+def article(noun: str) -> str:
+    """'a' or 'an' for `noun`: by its first vowel sound, with the common exceptions."""
+    word = noun.lower()
+    if word.startswith(("uni", "use", "usu", "euro", "one", "once")):
+        return "a"
+    if word.startswith(("hour", "honest", "honor", "heir")):
+        return "an"
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def _check_replace(target: Path, source: Path) -> None:
+    if target == source or target in source.parents:
+        raise ToolError(f"images_dir {source} is inside the dataset {target.name} that would be "
+                        "replaced; choose another dataset name")
+    manifest = target / "manifest.json"
+    if not target.exists():
+        return
+    try:
+        previous = json.loads(manifest.read_text()).get("source")
+    except (OSError, ValueError):
+        previous = None
+    if previous != str(source):
+        raise ToolError(
+            f"dataset {target.name!r} already exists, prepared from "
+            f"{previous or 'an unknown folder'}; pass another name (or the same images_dir "
+            "to refresh it)")
+
+
+def _swap_in(staging: Path, target: Path) -> bool:
+    """Move the finished dataset into place; the old one is removed only after that."""
+    if not target.exists():
+        staging.rename(target)
+        return False
+    old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+    target.rename(old)
+    try:
+        staging.rename(target)
+    except OSError:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _manifest(name, source, class_noun, instance_token, resolution, report) -> dict:
+    warnings = list(report.warnings)
+    count = len(report.kept)
+    if count < MIN_PHOTOS:
+        warnings.append(f"only {count} usable photo(s): DreamBooth works best with 3-20 photos "
+                        "of the subject from different angles")
+    elif count > MAX_PHOTOS:
+        warnings.append(f"{count} photos: DreamBooth usually uses 3-20; more slows training "
+                        "and is only worth it if they all show the same subject")
+    return {
+        "name": name,
+        "source": str(source),
+        "class_noun": class_noun,
+        "instance_token": instance_token,
+        "instance_prompt": f"a photo of {instance_token} {class_noun}",
+        "class_prompt": f"a photo of {article(class_noun)} {class_noun}",
+        "resolution": resolution,
+        "images": [
+            {"file": k.file, "source": k.source, "sha256": k.sha256,
+             "source_sha256": k.source_sha256, "original_size": k.original_size}
+            for k in report.kept
+        ],
+        "rejected": [{"file": r.file, "code": r.code, "reason": r.reason}
+                     for r in report.rejected],
+        "warnings": warnings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _nothing_usable(source: Path, report) -> str:
+    if not report.rejected:
+        return f"{source} holds no files: put the subject's photos (JPEG, PNG, WebP) in it"
+    reasons = "; ".join(f"{r.file}: {r.reason}" for r in report.rejected[:8])
+    more = len(report.rejected) - 8
+    return (f"no usable image in {source} ({len(report.rejected)} file(s) rejected): {reasons}"
+            + (f"; and {more} more" if more > 0 else ""))
+
+
+def _result(manifest: dict, target: Path, replaced: bool, seconds: float) -> dict:
+    rejected = manifest["rejected"]
+    result = {
+        "dataset": manifest["name"],
+        "folder": str(target),
+        "kept": len(manifest["images"]),
+        "files": [str(target / image["file"]) for image in manifest["images"]],
+        "rejected": rejected[:_RESULT_REJECTED_LIMIT],
+        "rejected_count": len(rejected),
+        "warnings": manifest["warnings"],
+        "instance_prompt": manifest["instance_prompt"],
+        "class_prompt": manifest["class_prompt"],
+        "resolution": manifest["resolution"],
+        "replaced_existing": replaced,
+        "seconds": round(seconds, 2),
+    }
+    if len(rejected) > _RESULT_REJECTED_LIMIT:
+        result["note"] = f"all {len(rejected)} rejections are listed in manifest.json"
+    return result

@@ -1,0 +1,183 @@
+"""The `generate_priors` tool (class images for prior preservation) and `find_prior_set`,
+which the train tool uses to pick up the images made here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from booth.tools.context import ToolContext
+from booth.tools.registry import Param, ToolError, tool
+
+DEFAULT_BATCH = 4
+_SAMPLE_PATHS = 4
+
+
+@tool
+def generate_priors(
+    ctx: ToolContext,
+    class_prompt: Annotated[str, Param("Prompt for the class images, e.g. 'a photo of a dog' "
+                                       "(the class prompt prepare_dataset returned)",
+                                       min_length=1, max_length=1000)],
+    num_images: Annotated[int, Param("How many class images the set should hold (~200 is "
+                                     "usual)", minimum=1, maximum=2000)] = 200,
+    seed: Annotated[int, Param("Seed: the same seed gives the same images",
+                               minimum=0, maximum=2**32 - 1)] = 0,
+    resolution: Annotated[int | None, Param("Square size in pixels, a multiple of 8 (default: "
+                                            "the model's own, 512 for SD 1.x)",
+                                            minimum=64, maximum=1024)] = None,
+    batch_size: Annotated[int | None, Param("Images per forward pass (default 4); does not "
+                                            "change the images", minimum=1, maximum=64)] = None,
+    num_inference_steps: Annotated[int | None, Param("Denoising steps (default 25)",
+                                                     minimum=1, maximum=200)] = None,
+    guidance_scale: Annotated[float | None, Param("Classifier-free guidance scale (default 7.5)",
+                                                  minimum=0, maximum=30)] = None,
+    negative_prompt: Annotated[str | None, Param("What the images should not show",
+                                                 max_length=1000)] = None,
+    base_model: Annotated[str | None, Param("Model that draws them (default: the session's "
+                                            "base model)", min_length=1, max_length=1000)] = None,
+) -> dict:
+    """Generate class images with the base model, for prior-preservation training.
+
+    Images already made with the same settings are reused, and an interrupted call continues
+    where it stopped, so calling it again is cheap. Returns the folder the train tool uses.
+    """
+    from booth.dreambooth.loading import ModelLoadError
+    from booth.dreambooth.priors import generate_class_images
+
+    key = _key(ctx, class_prompt, seed, resolution, num_inference_steps, guidance_scale,
+               negative_prompt, base_model)
+    folder = ctx.workspace.priors_dir(key.folder_name())
+    try:
+        result = generate_class_images(
+            key, folder, num_images, lambda: _load(key.base_model),
+            batch_size=batch_size or DEFAULT_BATCH, console=ctx.console,
+            should_stop=ctx.stop_requested.is_set)
+    except ModelLoadError as error:
+        raise ToolError(str(error)) from None
+    except ValueError as error:  # the folder holds images made with other settings
+        raise ToolError(str(error)) from None
+    return _result(key, result, num_images)
+
+
+def find_prior_set(ctx: ToolContext, class_prompt: str, base_model: str | None = None, *,
+                   resolution: int | None = None) -> Path | None:
+    """The prior folder holding the most class images for this prompt and base model
+    (default: ctx.base_model), optionally at one resolution; None when there is none."""
+    from booth.dreambooth.priors import find_prior_sets
+
+    sets = find_prior_sets(ctx.workspace.root / "priors", class_prompt,
+                           base_model or ctx.base_model, resolution)
+    return sets[0][0] if sets else None
+
+
+def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
+    from booth.dreambooth import priors
+
+    base = base_model or ctx.base_model
+    resolution = resolution or priors.natural_resolution(base)
+    if resolution % 8:
+        raise ToolError(f"resolution {resolution} is not a multiple of 8 (try "
+                        f"{round(resolution / 8) * 8})")
+    if not prompt.strip():
+        raise ToolError("class_prompt is empty: give e.g. 'a photo of a dog'")
+    return priors.PriorKey.create(
+        base, prompt, negative_prompt=negative or None, seed=seed, resolution=resolution,
+        num_inference_steps=steps or priors.DEFAULT_STEPS,
+        guidance_scale=float(priors.DEFAULT_GUIDANCE if guidance is None else guidance))
+
+
+def _load(base_model: str):
+    """The base pipeline in fp16 on CUDA (half the memory, faster), fp32 elsewhere."""
+    import torch
+
+    from booth.dreambooth.loading import load_pipeline
+
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    return load_pipeline(base_model, dtype=dtype)
+
+
+def _result(key, result, requested: int) -> dict:
+    out = {
+        "folder": str(result.folder),
+        "class_prompt": key.prompt,
+        "status": result.status,
+        "generated": len(result.generated),
+        "reused": result.reused,
+        "total": len(result.images),
+        "requested": requested,
+        "paths_sample": [str(p) for p in result.images[:_SAMPLE_PATHS]],
+        "seconds": result.seconds,
+        "settings": {"base_model": key.base_model, "resolution": key.resolution,
+                     "num_inference_steps": key.num_inference_steps,
+                     "guidance_scale": key.guidance_scale, "scheduler": key.scheduler,
+                     "seed": key.seed, "negative_prompt": key.negative_prompt},
+    }
+    if result.status == "interrupted":
+        out["hint"] = (f"stopped after {len(result.images)} of {requested} images; call "
+                       "generate_priors again with the same arguments to make only the rest")
+    return out
+
+
+# Seconds per image per denoising step at 512 px, guidance included (rough, for the approval
+# prompt only). Tiny test models are measured separately: ~0.04 s at 64 px on 2 CPU cores.
+_SECONDS_PER_STEP = {"cuda": 0.05, "mps": 0.4, "cpu": 5.0}
+_TINY_SECONDS_PER_STEP_64 = {"cuda": 0.005, "mps": 0.01, "cpu": 0.04}
+
+
+def seconds_per_image(base_model: str, resolution: int, steps: int) -> tuple[float, str]:
+    """A rough time per generated image on this machine, and the device described."""
+    import torch
+
+    from booth.dreambooth.priors import unet_and_vae_config
+
+    if torch.cuda.is_available():
+        kind, where = "cuda", f"cuda ({torch.cuda.get_device_name(0)})"
+    elif torch.backends.mps.is_available():
+        kind, where = "mps", "mps (Apple GPU)"
+    else:
+        kind, where = "cpu", f"cpu ({torch.get_num_threads()} threads)"
+    configs = unet_and_vae_config(base_model)
+    widths = (configs[0].get("block_out_channels") or [320]) if configs else [320]
+    if max(widths) <= 128:  # a tiny test model, hundreds of times cheaper than SD
+        per_step = _TINY_SECONDS_PER_STEP_64[kind] * (resolution / 64) ** 2
+    else:
+        per_step = _SECONDS_PER_STEP[kind] * (resolution / 512) ** 2
+    return per_step * steps, where
+
+
+def _estimate(ctx, args: dict) -> str | None:
+    try:
+        return _describe_cost(ctx, args)
+    except Exception:  # an estimate must never stand in the way of the approval prompt
+        return None
+
+
+def _describe_cost(ctx, args: dict) -> str:
+    from booth.dreambooth.priors import existing_images
+
+    key = _key(ctx, args["class_prompt"], args.get("seed", 0), args.get("resolution"),
+               args.get("num_inference_steps"), args.get("guidance_scale"),
+               args.get("negative_prompt"), args.get("base_model"))
+    wanted = args.get("num_images", 200)
+    present = [n for n in existing_images(ctx.workspace.priors_dir(key.folder_name()))
+               if n <= wanted]
+    missing = wanted - len(present)
+    if missing == 0:
+        return f"{wanted} images at {key.resolution} px: all already made, nothing to generate"
+    per_image, where = seconds_per_image(key.base_model, key.resolution,
+                                         key.num_inference_steps)
+    reused = f" ({len(present)} reused)" if present else ""
+    return (f"{wanted} images at {key.resolution} px, {key.num_inference_steps} steps: "
+            f"{missing} to generate{reused}, ~{_duration(missing * per_image)} on {where}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+generate_priors.estimate = _estimate

@@ -1,0 +1,132 @@
+"""The `sample` tool: render prompts with the base model or a trained run, save PNGs + a grid."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from booth.tools.context import ToolContext
+from booth.tools.registry import Param, ToolError, tool
+from booth.tools.workspace import NAME_PATTERN
+
+
+@tool
+def sample(
+    ctx: ToolContext,
+    prompts: Annotated[list[str], Param("Prompts to render, e.g. 'a photo of sks dog on the "
+                                        "moon' (use the run's identifier for the subject)",
+                                        min_items=1, max_items=16, min_length=1,
+                                        max_length=1000)],
+    run: Annotated[str | None, Param("Trained run to sample from (default: the base model)",
+                                     pattern=NAME_PATTERN)] = None,
+    checkpoint: Annotated[str | None, Param("'latest', 'checkpoint-<step>' or '<step>' of the "
+                                            "run (default: its final model)",
+                                            pattern=r"^(latest|(checkpoint-)?[0-9]+)$")] = None,
+    num_images_per_prompt: Annotated[int, Param("Images per prompt", minimum=1,
+                                                maximum=16)] = 4,
+    guidance_scale: Annotated[float, Param("Classifier-free guidance: higher follows the prompt "
+                                           "more closely", minimum=0, maximum=30)] = 7.5,
+    num_inference_steps: Annotated[int | None, Param("Denoising steps (default 30)", minimum=1,
+                                                     maximum=200)] = None,
+    seed: Annotated[int, Param("Seed: the same seed gives the same images", minimum=0,
+                               maximum=2**32 - 1)] = 0,
+    negative_prompt: Annotated[str | None, Param("What the images should not show",
+                                                 max_length=1000)] = None,
+    height: Annotated[int | None, Param("Height in pixels, a multiple of 8 (default: the "
+                                        "model's own)", minimum=64, maximum=1024)] = None,
+    width: Annotated[int | None, Param("Width in pixels, a multiple of 8 (default: the "
+                                       "model's own)", minimum=64, maximum=1024)] = None,
+) -> dict:
+    """Render prompts with a trained run (or the base model) and save the images and a grid.
+
+    Image j of every prompt starts from the same noise, so the grid compares prompts fairly;
+    the same seed gives the same images again.
+    """
+    from booth.dreambooth.sampling import DEFAULT_STEPS, sample_images
+
+    _check_sizes(height, width)
+    if checkpoint is not None and run is None:
+        raise ToolError("checkpoint needs a run: pass run='<name>' as well")
+    if any(not p.strip() for p in prompts):
+        raise ToolError("prompts must not be empty")
+    pipeline, model = _pipeline(ctx, run, checkpoint)
+    folder = _output_folder(ctx, run)
+    steps = num_inference_steps or DEFAULT_STEPS
+    result = sample_images(
+        pipeline, prompts, folder, num_images_per_prompt=num_images_per_prompt,
+        guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed,
+        negative_prompt=negative_prompt or None, height=height, width=width,
+        console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    return _result(result, folder, model, seed, steps, guidance_scale,
+                   len(prompts) * num_images_per_prompt)
+
+
+def _check_sizes(height: int | None, width: int | None) -> None:
+    for label, value in (("height", height), ("width", width)):
+        if value is not None and value % 8:
+            raise ToolError(f"{label} {value} is not a multiple of 8 (try "
+                            f"{round(value / 8) * 8})")
+
+
+def _pipeline(ctx: ToolContext, run: str | None, checkpoint: str | None):
+    """The pipeline to sample from, and a description of it for the result."""
+    from booth.dreambooth.loading import ModelLoadError
+
+    try:
+        if run is None:
+            return _base_pipeline(ctx.base_model), f"base model {ctx.base_model}"
+        run_dir = ctx.workspace.run_dir(run)
+        if not (run_dir / "run.yaml").is_file():
+            known = ", ".join(ctx.workspace.names("runs")) or "none yet"
+            raise ToolError(f"no run named {run!r}; runs in the workspace: {known}")
+        from booth.dreambooth.trainer import CheckpointError, ConfigError, load_run_pipeline
+
+        try:
+            pipeline = load_run_pipeline(run_dir, checkpoint)
+        except (CheckpointError, ConfigError) as error:
+            raise ToolError(str(error)) from None
+        return pipeline, f"run {run} ({checkpoint or 'final model'})"
+    except ModelLoadError as error:
+        raise ToolError(str(error)) from None
+
+
+def _base_pipeline(base_model: str):
+    import torch
+
+    from booth.dreambooth.loading import load_pipeline
+
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    return load_pipeline(base_model, dtype=dtype)
+
+
+def _output_folder(ctx: ToolContext, run: str | None):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{(run or 'base')[:40]}-{stamp}"
+    folder, n = ctx.workspace.samples_dir(base), 1
+    while folder.exists():  # two calls in the same second
+        n += 1
+        folder = ctx.workspace.samples_dir(f"{base}-{n}")
+    return folder
+
+
+def _result(result, folder, model: str, seed: int, steps: int, guidance: float,
+            wanted: int) -> dict:
+    out = {
+        "folder": str(folder),
+        "model": model,
+        "images": [str(p) for p in result.images],
+        "grid": str(result.grid) if result.grid else None,
+        "status": result.status,
+        "seed": seed,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "scheduler": result.settings.get("scheduler"),
+        "seconds": result.seconds,
+        "hint": ("grid.png has one row per prompt; each column starts from the same noise. "
+                 "Same seed reproduces these images, another seed gives new ones. If the "
+                 "subject looks the same whatever the prompt, the run is overfitted: sample an "
+                 "earlier checkpoint."),
+    }
+    if result.status == "interrupted":
+        out["hint"] = f"stopped after {len(result.images)} of {wanted} images. " + out["hint"]
+    return out
