@@ -39,12 +39,25 @@ def _load_failure(base_model: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load base model {base_model!r}: {error}. {hint}")
 
 
+def quiet_loading(source: str) -> None:
+    """No "Loading weights" bars: booth shows its own progress. A model still to be fetched
+    from the hub keeps its download bars (transformers' switch turns those off too)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    if Path(source).exists():
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(base_model: str, device=None, dtype=None):
     """A `StableDiffusionPipeline` for inference, without safety checker or progress bars."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     source = resolve_base_model(base_model)
+    quiet_loading(source)
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
             source, dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False

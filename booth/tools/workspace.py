@@ -67,4 +67,5 @@ class Workspace:
         folder = self.root / kind
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+        # Hidden folders are work in progress (.tmp-* while a dataset is swapped in).
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
