@@ -180,6 +180,42 @@ def _run_interruptibly(spec, context, arguments):
         signal.signal(signal.SIGINT, previous)
 
 
+@app.command()
+def demo(
+    folder: Annotated[
+        Path, typer.Option(help="Where the demo writes its model, photos and workspace.")
+    ] = Path("booth-demo"),
+) -> None:
+    """The whole pipeline offline in about a minute: a tiny model, synthetic photos, and the
+    shipped session in transcripts/demo.jsonl replayed through the real agent loop."""
+    from rich.console import Console
+
+    from booth import demo as demo_files
+    from booth.agent import replay
+    from booth.agent.approval import AutoApprove
+    from booth.agent.ui import ChatUI
+    from booth.tools import ToolContext
+
+    transcript = demo_files.shipped_transcript()
+    if not transcript.is_file():
+        raise fail(f"the demo transcript is missing ({transcript}); reinstall booth")
+    ui = ChatUI(Console(highlight=False))
+    ui.info(f"building a tiny random Stable Diffusion and 5 synthetic photos in {folder}/ ...")
+    folder = folder.resolve()
+    model, workspace = demo_files.prepare_demo_folder(folder)
+    demo_files.enter(folder)
+    context = ToolContext.from_options(workspace=str(workspace), base_model=str(model))
+    ui.info(f"replaying {transcript.name} with --execute --yes (no LLM is contacted)")
+    report = replay.execute(transcript, context, AutoApprove(ui=ui), ui)
+    replay.summarise(ui, report)
+    samples = [c.result for c in report.comparisons if c.tool == "sample" and c.result]
+    if not samples:
+        raise fail("the demo ended without sample images; see the messages above", code=1)
+    ui.console.print("\n[bold]Sample images:[/]")
+    for path in samples[-1]["images"] + [samples[-1]["grid"]]:
+        ui.console.print(f"  {path}", highlight=False)
+
+
 agent_commands.register(app, tool_context, fail)
 
 

@@ -55,7 +55,7 @@ def draw_subject_photos(folder: Path, count: int = 5, size: int = 96) -> list[Pa
         paths.append(path)
     # Two files a real folder often holds: a note and a copy. Both must be rejected, with reasons.
     (folder / "notes.jpg").write_text("remember to buy dog food\n")
-    shutil.copyfile(paths[0], folder / "rex_01 (copy).jpg")
+    shutil.copyfile(paths[0], folder / "rex_01_copy.jpg")
     return paths
 
 

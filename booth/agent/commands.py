@@ -87,6 +87,8 @@ def register(app, tool_context, fail) -> None:
         if code:
             raise typer.Exit(code)
 
+    register_replay(app, tool_context, fail)
+
 
 def run_chat(ctx, fail, goal: str | None, options: dict, *, yes: bool,
              transcript: Path | None, resume: Path | None) -> int:
@@ -133,6 +135,7 @@ def _open_session(ctx, fail, settings, model, policy, ui, goal, transcript, resu
     """A new session writing a new transcript, or one resumed from `resume`."""
     from booth.agent.loop import Session
     from booth.agent.prompt import build_system_prompt
+    from booth.agent.replay import session_places
     from booth.agent.transcript import (
         TranscriptError,
         TranscriptWriter,
@@ -145,8 +148,7 @@ def _open_session(ctx, fail, settings, model, policy, ui, goal, transcript, resu
     sampling = {name: getattr(settings, name) for name in _SAMPLING_FIELDS}
     header = make_header(model=settings.model, endpoint=settings.describe(), sampling=sampling,
                          tools=[t.openai_spec() for t in TOOLS.values()],
-                         system_prompt=system_prompt, workspace=str(ctx.workspace.root),
-                         base_model=ctx.base_model)
+                         system_prompt=system_prompt, **session_places(ctx))
     options = dict(ui=ui, context_window=settings.context_window,
                    reserve_tokens=settings.reply_reserve)
     secrets = [settings.api_key]
@@ -187,3 +189,63 @@ def _converse(session, read) -> None:
             session.run()
         else:
             session.send(text)
+
+
+def register_replay(app, tool_context, fail) -> None:
+    """`booth replay PATH [--execute] [--yes]`."""
+
+    @app.command()
+    def replay(
+        path: Annotated[Path, typer.Argument(help="A transcript (.jsonl) written by booth chat")],
+        execute: Annotated[bool, typer.Option(
+            "--execute", help="Run the approved tool calls again (no LLM is contacted) and "
+            "compare each result with the recorded one; exit 1 if any differs")] = False,
+        yes: Annotated[bool, typer.Option(
+            "--yes", "-y", help="With --execute: approve every call without asking")] = False,
+    ) -> None:
+        """Show a saved session as it looked, or re-run its tool calls with --execute."""
+        code = run_replay(tool_context(), fail, path, execute=execute, yes=yes)
+        if code:
+            raise typer.Exit(code)
+
+
+def run_replay(ctx, fail, path: Path, *, execute: bool, yes: bool) -> int:
+    """The body of `booth replay`; returns the exit code."""
+    from rich.console import Console
+
+    from booth.agent import replay
+    from booth.agent.transcript import TranscriptError
+    from booth.agent.ui import ChatUI
+
+    ui = ChatUI(Console(highlight=False))
+    try:
+        if not execute:
+            replay.show(path, ui)
+            return 0
+        report = replay.execute(path, ctx, _policy(ui, yes), ui, _replay_writer(ctx, path))
+    except (TranscriptError, OSError) as error:
+        raise fail(str(error), 2) from None
+    replay.summarise(ui, report)
+    return 0 if report.all_match else 1
+
+
+def _policy(ui, yes: bool):
+    from booth.agent.approval import AskUser, AutoApprove, RefuseAll
+
+    if yes:
+        return AutoApprove(ui=ui)
+    return AskUser(ui=ui, input=_reader(ui)) if _stdin_is_tty() else RefuseAll(ui=ui)
+
+
+def _replay_writer(ctx, source: Path):
+    """The replay is itself a session: record it beside the others."""
+    from booth.agent.replay import session_places
+    from booth.agent.transcript import TranscriptWriter, default_path, make_header, read_transcript
+    from booth.tools import TOOLS
+
+    header, _ = read_transcript(source)
+    new = make_header(model=f"replay of {source}", endpoint="none (replay)", sampling={},
+                      tools=[t.openai_spec() for t in TOOLS.values()],
+                      system_prompt=header.get("system_prompt", ""), replay_of=str(source),
+                      **session_places(ctx))
+    return TranscriptWriter.create(default_path(ctx.workspace.transcripts_dir, "replay"), new)

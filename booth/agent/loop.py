@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import signal
 import threading
 import time
@@ -51,15 +50,6 @@ class SessionAborted(KeyboardInterrupt):
 
     A KeyboardInterrupt, so that a tool's `except Exception` cannot swallow it.
     """
-
-
-def _safe_names(message: dict) -> dict:
-    """Function names Mistral accepts in the history ("prepare dataset!" would make every
-    later request fail); the raw name stays in the transcript and in the error sent back."""
-    for call in message.get("tool_calls") or []:
-        name = re.sub(r"[^a-zA-Z0-9_-]", "_", call["function"]["name"])[:64]
-        call["function"]["name"] = name or "unnamed"
-    return message
 
 
 class Session:
@@ -136,7 +126,7 @@ class Session:
             self._last_notice = notice
         turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text)
         self.ui.end_text()
-        sent = _safe_names(wire.assistant_message(turn, self._used_ids()))
+        sent = wire.assistant_message(turn, self._used_ids())
         raw_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                      for c in turn.tool_calls]
         self._add("assistant", sent, content=turn.content, tool_calls=raw_calls,

@@ -1,0 +1,250 @@
+"""Replaying a saved session: show it as it looked, or run its tool calls again without an LLM.
+
+`execute` drives the very same `Session` loop as a live chat, with a `ReplayModel` that plays
+back the recorded assistant turns. Every call is validated and put to the approval policy
+again, so a transcript from elsewhere can run nothing unchecked; calls the user refused in
+the recording stay refused, edits are re-applied (and re-validated). Each new result is
+compared with the recorded one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from booth.agent.approval import Decision, show_call
+from booth.agent.model import AssistantTurn, ReplayModel, ToolCall
+from booth.agent.transcript import read_transcript
+from booth.agent.ui import ChatUI
+from booth.tools import ToolArgumentError
+
+# Result fields that measure the run rather than describe what it made.
+_VOLATILE_KEY = re.compile(r"second|elapsed|time|speed|per_s|duration|created|date", re.I)
+_TIMESTAMP = re.compile(r"\d{8}-\d{6}|\d{4}-\d\d-\d\dT[\d:.+-]+")
+_FLOAT_TOLERANCE = 1e-6  # relative: a loss printed by another BLAS build may differ in its tail
+
+
+@dataclass
+class Comparison:
+    call_id: str
+    tool: str
+    matches: bool
+    differences: list[str] = field(default_factory=list)
+    result: Any = None  # the new result, for whoever replays (the demo prints sample paths)
+
+
+@dataclass
+class ReplayReport:
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    @property
+    def all_match(self) -> bool:
+        return all(c.matches for c in self.comparisons)
+
+
+def recorded_turns(events: list[dict]) -> list[AssistantTurn]:
+    """The assistant turns with the ids that were sent (so results can be matched) and the
+    raw arguments the model wrote (so a malformed call fails validation again, as it did)."""
+    turns = []
+    for event in (e for e in events if e["type"] == "assistant"):
+        sent = (event.get("message") or {}).get("tool_calls") or []
+        raw = event.get("tool_calls") or []
+        calls = [
+            ToolCall(s["id"], s["function"]["name"], r.get("arguments", ""))
+            for s, r in zip(sent, raw, strict=False)
+        ]
+        turns.append(AssistantTurn(event.get("content") or "", calls, event.get("finish_reason")))
+    return turns
+
+
+class RecordedDecisions:
+    """Approval for a replay: the recording's refusals and edits stand, then the live policy
+    (ask / --yes) decides."""
+
+    def __init__(self, policy, approvals: dict[str, dict], ui: ChatUI):
+        self.policy, self.approvals, self.ui = policy, approvals, ui
+
+    def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
+        recorded = self.approvals.get(call_id, {})
+        if recorded.get("decision") == "refused":
+            reason = "refused in the recorded session"
+            if recorded.get("reason"):
+                reason += f" ({recorded['reason']})"
+            show_call(self.ui, tool, arguments, None)
+            self.ui.refused(tool.name, reason)
+            return Decision("refuse", arguments, reason=reason)
+        if recorded.get("edited"):
+            try:
+                arguments = tool.validate(recorded.get("arguments"))
+            except ToolArgumentError as error:
+                self.ui.refused(tool.name, f"the recorded edit is invalid: {error}")
+                return Decision("refuse", arguments, reason=f"recorded edit invalid: {error}")
+            self.ui.info("arguments as edited by the user in the recorded session")
+        return self.policy.decide(tool, call_id, arguments, ctx)
+
+
+def places(header: dict) -> dict[str, str]:
+    """Where a session ran (workspace, base model, working folder) -> placeholders, longest
+    first, so that a replay elsewhere compares paths relative to those places."""
+    named = {header.get(key): f"<{key}>" for key in ("workspace", "base_model", "cwd")}
+    return {k: v for k, v in sorted(named.items(), key=lambda kv: -len(kv[0] or "")) if k}
+
+
+def normalise(value: Any, replacements: dict[str, str]) -> Any:
+    """A result with what legitimately changes between runs taken out."""
+    if isinstance(value, dict):
+        return {k: normalise(v, replacements) for k, v in value.items()
+                if not _VOLATILE_KEY.search(k)}
+    if isinstance(value, list):
+        return [normalise(v, replacements) for v in value]
+    if isinstance(value, str):
+        for place, placeholder in replacements.items():
+            value = value.replace(place, placeholder)
+        return _TIMESTAMP.sub("<time>", value)
+    return value
+
+
+def differences(recorded: Any, new: Any, where: str = "") -> list[str]:
+    """Human-readable differences between two normalised results."""
+    label = where or "result"
+    if isinstance(recorded, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(recorded) | set(new)):
+            path = f"{where}.{key}" if where else key
+            if key not in new:
+                found.append(f"{path}: missing now")
+            elif key not in recorded:
+                found.append(f"{path}: not in the recording")
+            else:
+                found += differences(recorded[key], new[key], path)
+        return found
+    if isinstance(recorded, list) and isinstance(new, list) and len(recorded) == len(new):
+        return [d for i, (a, b) in enumerate(zip(recorded, new, strict=True))
+                for d in differences(a, b, f"{where}[{i}]")]
+    if isinstance(recorded, float) and isinstance(new, float):
+        if math.isclose(recorded, new, rel_tol=_FLOAT_TOLERANCE, abs_tol=1e-12):
+            return []
+    if recorded == new:
+        return []
+    return [f"{label}: recorded {_short(recorded)}, now {_short(new)}"]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def compare(recorded: dict | None, new: dict, old_places: dict[str, str],
+            new_places: dict[str, str]) -> Comparison:
+    """Compare a new tool_result event with the recorded one for the same call."""
+    comparison = Comparison(new["call_id"], new.get("tool", "?"), matches=False,
+                            result=new.get("result"))
+    if recorded is None:
+        comparison.differences = ["the recorded session has no result for this call"]
+        return comparison
+    before = normalise({k: recorded.get(k) for k in ("ok", "result", "error")}, old_places)
+    after = normalise({k: new.get(k) for k in ("ok", "result", "error")}, new_places)
+    comparison.differences = differences(before, after)
+    comparison.matches = not comparison.differences
+    return comparison
+
+
+def session_places(ctx) -> dict[str, str]:
+    """The header fields that say where a session runs (see `places`)."""
+    import os
+
+    return {"workspace": str(ctx.workspace.root), "base_model": ctx.base_model,
+            "cwd": os.getcwd()}
+
+
+def execute(path: str | Path, ctx, policy, ui: ChatUI, transcript=None) -> ReplayReport:
+    """Re-run the session at `path` through the real loop; compare each result."""
+    from booth.agent.loop import Session
+
+    header, events = read_transcript(path)
+    recorded = {e["call_id"]: e for e in events if e["type"] == "tool_result"}
+    approvals = {e["call_id"]: e for e in events if e["type"] == "approval"}
+    report = ReplayReport()
+    old_places = places(header)
+    new_places = places(session_places(ctx))
+
+    def on_result(event: dict) -> None:
+        comparison = compare(recorded.get(event["call_id"]), event, old_places, new_places)
+        report.comparisons.append(comparison)
+        show_comparison(ui, comparison)
+
+    session = Session(
+        ReplayModel(recorded_turns(events)), ctx, RecordedDecisions(policy, approvals, ui),
+        system_prompt=header.get("system_prompt") or "", transcript=transcript, ui=ui,
+        on_result=on_result,
+    )
+    for event in (e for e in events if e["type"] == "user"):
+        show_user(ui, event["message"]["content"])
+        session.send(event["message"]["content"])
+    return report
+
+
+def show_comparison(ui: ChatUI, comparison: Comparison) -> None:
+    if comparison.matches:
+        ui.console.print("  [green]= matches the recorded result[/]", highlight=False)
+        return
+    ui.console.print("  [yellow]≠ differs from the recorded result:[/]", highlight=False)
+    for line in comparison.differences[:8]:
+        ui.info(f"    {line}")
+
+
+def show_user(ui: ChatUI, text: str) -> None:
+    ui.end_text()
+    ui.console.print()
+    ui.console.print("[bold magenta]you>[/] ", end="", highlight=False)
+    ui.console.print(text, markup=False, highlight=False)
+
+
+def show(path: str | Path, ui: ChatUI) -> None:
+    """Print a saved session the way the chat showed it (nothing runs)."""
+    header, events = read_transcript(path)
+    ui.info(f"session of {header.get('created', '?')} with {header.get('model', '?')}; "
+            f"workspace {header.get('workspace', '?')}")
+    for event in events:
+        _show_event(ui, event)
+    ui.end_text()
+
+
+def _show_event(ui: ChatUI, event: dict) -> None:
+    kind = event["type"]
+    if kind == "user":
+        show_user(ui, event["message"]["content"])
+    elif kind == "assistant" and event.get("content"):
+        ui.text(event["content"])
+        ui.end_text()
+    elif kind == "validation_error":
+        ui.invalid_call(event.get("tool", ""), event.get("error", ""))
+    elif kind == "approval":
+        ui.tool_call(event.get("tool", "?"), event.get("arguments") or {})
+        if event.get("decision") == "refused":
+            ui.refused(event.get("tool", "?"), event.get("reason"))
+        else:
+            ui.info(f"{event.get('decision', 'approved')} by the user")
+    elif kind == "tool_result":
+        if event.get("ok"):
+            ui.tool_result(event.get("tool", "?"), event.get("result"), event.get("seconds", 0))
+        else:
+            ui.tool_error(event.get("tool", "?"), event.get("error", ""))
+    elif kind == "endpoint_error":
+        ui.error(event.get("error", ""))
+    elif kind in ("notice", "interrupted"):
+        ui.notice(event.get("text", kind))
+    elif kind == "resumed":
+        ui.info("(the session was resumed here)")
+
+
+def summarise(ui: ChatUI, report: ReplayReport) -> None:
+    total = len(report.comparisons)
+    same = sum(c.matches for c in report.comparisons)
+    style = "green" if report.all_match else "yellow"
+    ui.console.print(f"\n[{style}]{same} of {total} tool results match the recording.[/]",
+                     highlight=False)
