@@ -1,0 +1,152 @@
+"""`booth replay` and `booth demo`: a saved session shown, re-executed without any LLM, compared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from booth.agent.approval import AutoApprove, Decision
+from booth.agent.loop import Session
+from booth.agent.model import AssistantTurn, ScriptedModel, ToolCall
+from booth.agent.replay import session_places
+from booth.agent.transcript import TranscriptWriter, make_header, read_transcript
+from booth.cli import app
+from booth.tools import TOOLS, ToolContext
+
+runner = CliRunner()
+
+
+def turn(text, *calls):
+    tool_calls = [ToolCall(cid, name, args if isinstance(args, str) else json.dumps(args))
+                  for cid, name, args in calls]
+    return AssistantTurn(text, tool_calls, "tool_calls" if tool_calls else "stop")
+
+
+class RefuseSample(AutoApprove):
+    """The recorded user approved everything but the sample call."""
+
+    def decide(self, tool, call_id, arguments, ctx):
+        if tool.name == "sample":
+            return Decision("refuse", arguments, reason="not now")
+        return super().decide(tool, call_id, arguments, ctx)
+
+
+@pytest.fixture
+def recorded(tmp_path, tiny_model, monkeypatch) -> tuple[Path, str]:
+    """A real session: prepare (valid), a malformed call, priors, and a refused sample."""
+    from booth.demo import draw_subject_photos
+
+    monkeypatch.chdir(tmp_path)
+    draw_subject_photos(tmp_path / "photos", count=3, size=64)
+    workspace = tmp_path / "ws-recorded"
+    ctx = ToolContext.from_options(workspace=str(workspace), base_model=tiny_model)
+    script = [
+        turn("Preparing.", ("Prepare001", "prepare_dataset",
+                            {"images_dir": "photos", "class_noun": "dog", "resolution": 64})),
+        turn("Priors.", ("Priors001", "generate_priors", '{"class_prompt": "a dog",')),
+        turn("Priors again.", ("Priors002", "generate_priors",
+                               {"class_prompt": "a photo of a dog", "num_images": 2,
+                                "resolution": 64, "num_inference_steps": 2})),
+        turn("A look at the base model.", ("Sample001", "sample", {"prompts": ["a dog"]})),
+        turn("All done."),
+    ]
+    header = make_header(model="scripted", endpoint="none", sampling={},
+                         tools=[t.openai_spec() for t in TOOLS.values()], system_prompt="sys",
+                         **session_places(ctx))
+    path = tmp_path / "session.jsonl"
+    writer = TranscriptWriter.create(path, header)
+    Session(ScriptedModel(script), ctx, RefuseSample(), system_prompt="sys",
+            transcript=writer).send("make me a dog dataset")
+    writer.close()
+    return path, tiny_model
+
+
+def replay(path, *options, workspace, base_model):
+    return runner.invoke(app, ["--workspace", workspace, "--base-model", base_model,
+                               "replay", str(path), *options])
+
+
+def test_replay_shows_the_session_and_runs_nothing(recorded, tmp_path):
+    path, model = recorded
+    result = replay(path, workspace=str(tmp_path / "ws-show"), base_model=model)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "make me a dog dataset" in text
+    assert "prepare_dataset" in text and "invalid call to generate_priors" in text
+    assert "refused sample: not now" in text
+    assert not (tmp_path / "ws-show").exists()
+
+
+def test_execute_reruns_approved_calls_and_reports_matches(recorded, tmp_path):
+    path, model = recorded
+    workspace = tmp_path / "ws-replay"
+    result = replay(path, "--execute", "--yes", workspace=str(workspace), base_model=model)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 tool results match the recording" in text
+    # The malformed call failed validation again and the refused call stayed refused.
+    assert "invalid call to generate_priors" in text
+    assert "refused in the recorded session (not now)" in text
+    assert len(list((workspace / "datasets" / "photos" / "images").glob("*.png"))) == 3
+    assert not (workspace / "samples").exists()
+    # The replay is itself recorded as a session.
+    (replayed,) = (workspace / "transcripts").glob("*.jsonl")
+    header, events = read_transcript(replayed)
+    assert header["replay_of"] == str(path)
+    assert [e["tool"] for e in events if e["type"] == "tool_result"] == [
+        "prepare_dataset", "generate_priors"]
+
+
+def test_execute_reports_a_result_that_differs(recorded, tmp_path):
+    path, model = recorded
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        event = json.loads(line)
+        if event["type"] == "tool_result" and event["tool"] == "prepare_dataset":
+            event["result"]["kept"] = 99
+            lines[i] = json.dumps(event)
+    path.write_text("\n".join(lines) + "\n")
+    result = replay(path, "--execute", "--yes", workspace=str(tmp_path / "ws"), base_model=model)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "kept: recorded 99, now 3" in text
+    assert "1 of 2 tool results match" in text
+
+
+def test_execute_without_a_terminal_or_yes_runs_nothing(recorded, tmp_path):
+    path, model = recorded
+    result = replay(path, "--execute", workspace=str(tmp_path / "ws"), base_model=model)
+    assert "no terminal to ask for approval" in " ".join(result.output.split())
+    assert not (tmp_path / "ws" / "datasets").exists()
+
+
+def test_a_malformed_transcript_is_named_with_its_line(tmp_path, workspace):
+    path = tmp_path / "bad.jsonl"
+    header = make_header(model="m", endpoint="e", sampling={}, tools=[], system_prompt="s")
+    path.write_text(json.dumps(header) + "\n" + '{"type": "user", "message": \n')
+    result = runner.invoke(app, ["--workspace", workspace, "replay", str(path), "--execute"])
+    assert result.exit_code == 2
+    assert "bad.jsonl:2" in " ".join(result.stderr.split())
+    missing = runner.invoke(app, ["replay", str(tmp_path / "nope.jsonl")])
+    assert missing.exit_code == 2 and "nope.jsonl" in missing.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_ends_with_sample_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo", "--folder", str(tmp_path / "demo")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "tool results match the recording" in text
+    assert "≠" not in text  # every result matches the shipped transcript
+    samples = sorted((tmp_path / "demo" / "workspace" / "samples").glob("*/*.png"))
+    assert len(samples) == 5  # four images and the grid
+    for sample in samples:
+        assert str(sample) in text
+        with Image.open(sample) as image:
+            image.load()
+    assert (tmp_path / "demo" / "workspace" / "runs" / "rex-demo" / "final").is_dir()
