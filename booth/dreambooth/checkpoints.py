@@ -1,0 +1,201 @@
+"""Checkpoints of a run: written atomically, found by step, read back exactly.
+
+    <run>/checkpoints/checkpoint-<step>/     accelerate's save_state (optimizer, LR scheduler,
+        unet.safetensors                     RNG states, the noise generator) + the trained
+        text_encoder.safetensors             weights only (all of them, or just the LoRA ones)
+        training_state.json                  step/epoch/position: save_state does not keep them
+
+A checkpoint is written to `.tmp-checkpoint-<step>` and renamed when complete, so a kill in the
+middle never leaves a `checkpoint-*` folder that cannot be loaded; "latest" is simply the
+highest complete step, and stale `.tmp-*` folders are ignored and swept away on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.json"
+TMP_PREFIX = ".tmp-"
+_NAME_RE = re.compile(r"^(?:checkpoint-)?(\d+)$")
+
+
+class CheckpointError(FileNotFoundError):
+    """No checkpoint matches what was asked; the message lists the ones there are."""
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, folder), oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(run_dir: str | Path, name: str | int = "latest") -> tuple[int, Path]:
+    """The checkpoint called "latest", "checkpoint-<step>" or "<step>" in a run."""
+    available = list_checkpoints(run_dir)
+    if not available:
+        raise CheckpointError(f"run {Path(run_dir).name!r} has no complete checkpoint yet")
+    if str(name) == "latest":
+        return available[-1]
+    match = _NAME_RE.match(str(name))
+    steps = dict(available)
+    if match and int(match.group(1)) in steps:
+        return int(match.group(1)), steps[int(match.group(1))]
+    names = ", ".join(f"checkpoint-{step}" for step, _ in available)
+    raise CheckpointError(
+        f"run {Path(run_dir).name!r} has no checkpoint {name!r}; available: {names} (or 'latest')"
+    )
+
+
+def read_training_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def sweep_temporary(run_dir: str | Path) -> None:
+    """Remove half-written checkpoints left by a run that was killed while saving."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if folder.is_dir():
+        for path in folder.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: dict) -> Path:
+    """accelerate's save_state into a temporary folder, then one rename to checkpoint-<step>."""
+    step = state["step"]
+    final = run_dir / CHECKPOINTS / f"checkpoint-{step}"
+    tmp = run_dir / CHECKPOINTS / f"{TMP_PREFIX}checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        # Written last: a folder with this file holds everything save_state wrote.
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move `source` to `target`, replacing an older `target` without a moment of neither."""
+    if target.exists():
+        old = target.with_name(f"{TMP_PREFIX}old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (None keeps all)."""
+    if keep is None:
+        return
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def discard_after(run_dir: Path, step: int) -> list[int]:
+    """Resuming from `step` rewrites what came after it: drop the later checkpoints."""
+    dropped = [s for s, path in list_checkpoints(run_dir) if s > step]
+    for s in dropped:
+        shutil.rmtree(run_dir / CHECKPOINTS / f"checkpoint-{s}", ignore_errors=True)
+    return dropped
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps <= `step`, so the resumed run appends where it left."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+class GeneratorState:
+    """Lets accelerate save and restore a torch.Generator (it wants state_dict methods).
+
+    All training noise comes from this generator, not the global RNG: building a DataLoader
+    iterator draws from the global RNG, which would shift the noise after a resume.
+    """
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+def trainable_state_dict(model) -> dict:
+    """The parameters being trained (all of them, or only LoRA's), ready for safetensors."""
+    return {
+        name: param.detach().contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_weights(model, file: Path, *, require_all_trainable: bool = False) -> None:
+    """Load a trained-weights file into `model`; every key must belong to the model."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(file), device="cpu")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(
+            f"{file} does not match the model (e.g. {result.unexpected_keys[0]!r}); was it made "
+            "with another base model or LoRA setting?"
+        )
+    if require_all_trainable:
+        missing = set(trainable_state_dict(model)) - set(state)
+        if missing:
+            raise CheckpointError(f"{file} lacks trained weights such as {sorted(missing)[0]!r}")
+
+
+def register_weight_hooks(accelerator, names: dict[int, str]) -> None:
+    """Make save_state/load_state store only the trained parameters, one file per model.
+
+    `names` maps id(unwrapped model) -> file stem ("unet", "text_encoder"). A LoRA checkpoint
+    is then a few MB instead of a full UNet, and `load_run_pipeline` can read it by name.
+    """
+
+    def _name(model) -> str:
+        return names[id(accelerator.unwrap_model(model))]
+
+    def save_hook(models, weights, output_dir):
+        from safetensors.torch import save_file
+
+        if accelerator.is_main_process:
+            for model in models:
+                state = trainable_state_dict(accelerator.unwrap_model(model))
+                save_file(state, str(Path(output_dir) / f"{_name(model)}.safetensors"))
+        weights.clear()  # saved here; accelerate must not write them a second time
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            file = Path(input_dir) / f"{_name(model)}.safetensors"
+            load_weights(accelerator.unwrap_model(model), file, require_all_trainable=True)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

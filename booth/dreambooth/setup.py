@@ -1,0 +1,191 @@
+"""What the training loop needs before its first step: accelerator, cached inputs, optimizer.
+
+Kept apart from trainer.py so the loop itself reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from booth.dreambooth.config import ConfigError, TrainConfig
+
+ENCODE_CHUNK = 8  # images per VAE forward pass while caching latents
+
+
+def resolve_for_device(config: TrainConfig, run_dir: Path, console) -> TrainConfig:
+    """The config as it will run here: absolute paths, GPU-only options dropped with a warning."""
+    import torch
+    from accelerate.utils import is_bnb_available, is_wandb_available
+
+    from booth.dreambooth.models import text_encoder_lora_problem
+    from booth.dreambooth.train_data import list_images
+
+    images = [str(Path(p).expanduser().resolve()) for p in config.instance_images]
+    missing = [p for p in images if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"instance image not found: {missing[0]}")
+    class_dir = None
+    if config.with_prior_preservation:
+        class_dir = Path(config.class_data_dir).expanduser().resolve()
+        if not class_dir.is_dir() or not list_images(class_dir):
+            raise ConfigError(f"no class images in {class_dir}; generate them first")
+    accelerated = torch.cuda.is_available() or torch.backends.mps.is_available()
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "fp16" and not accelerated:
+        console.print("[yellow]fp16 needs a GPU; training in full precision (fp32) here[/]")
+        mixed_precision = "no"
+    use_8bit_adam = config.use_8bit_adam
+    if use_8bit_adam and not (torch.cuda.is_available() and is_bnb_available()):
+        console.print("[yellow]8-bit Adam needs CUDA and bitsandbytes; using AdamW[/]")
+        use_8bit_adam = False
+    train_text_encoder = config.train_text_encoder
+    problem = text_encoder_lora_problem() if config.use_lora and train_text_encoder else None
+    if problem:
+        console.print(f"[yellow]{problem}: training the UNet's LoRA only[/]")
+        train_text_encoder = False
+    if config.report_to == "wandb" and not is_wandb_available():
+        raise ConfigError("report_to='wandb' needs the wandb package (pip install wandb)")
+    return dataclasses.replace(
+        config, output_dir=str(run_dir), instance_images=images,
+        class_data_dir=str(class_dir) if class_dir else config.class_data_dir,
+        mixed_precision=mixed_precision, use_8bit_adam=use_8bit_adam,
+        train_text_encoder=train_text_encoder,
+    )
+
+
+def make_accelerator(config: TrainConfig, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    # accelerate keeps one process-wide state; a long agent session may train again with
+    # another precision. Only a single process may start over (a launched job runs one run).
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                            logging_dir=str(run_dir / "logs")),
+        # The sampler's order then depends only on (seed, epoch): resumable exactly.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                  data_seed=config.seed),
+    )
+
+
+def cache_latent_stats(vae, config: TrainConfig, device, dtype, console):
+    """Mean and std of the frozen VAE's posterior for every image (and mirror), computed once.
+
+    Returns (instance, classes): tensors (N, views, 2, C, h, w) on the CPU, fp32; classes is
+    None without prior preservation. Sampling from the stored posterior each step keeps the
+    reference's behaviour (it re-encodes and samples every step) at a fraction of the cost.
+    """
+    import torch
+
+    from booth.dreambooth.train_data import list_images, load_views
+
+    vae.to(device)
+    if dtype != torch.float32:  # the frozen VAE may run in low precision; it is only read
+        vae.to(dtype=dtype)
+    sets = {"instance": [Path(p) for p in config.instance_images]}
+    if config.with_prior_preservation:
+        sets["class"] = list_images(config.class_data_dir)
+    total = sum(len(paths) for paths in sets.values())
+    console.print(f"encoding {total} images through the frozen VAE (once)")
+    stats = {}
+    for kind, paths in sets.items():
+        chunks = []
+        for start in range(0, len(paths), ENCODE_CHUNK):
+            views = load_views(paths[start:start + ENCODE_CHUNK], config.resolution,
+                               config.random_flip)
+            with torch.no_grad():
+                dist = vae.encode(views.flatten(0, 1).to(device, dtype)).latent_dist
+            pair = torch.stack([dist.mean, dist.std], dim=1).float().cpu()
+            chunks.append(pair.unflatten(0, views.shape[:2]))
+        stats[kind] = torch.cat(chunks)
+    return stats["instance"], stats.get("class")
+
+
+class PromptEmbeddings:
+    """Text-encoder states of the instance (row 0) and class (row 1) prompts for a batch.
+
+    Cached once when the text encoder is frozen (it can then leave memory); computed every
+    step, with gradients, when it is trained.
+    """
+
+    def __init__(self, tokenizer, text_encoder, config: TrainConfig, device, dtype):
+        import torch
+
+        prompts = [config.instance_prompt]
+        if config.with_prior_preservation:
+            prompts.append(config.class_prompt)
+        length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+        self.ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                             return_tensors="pt").input_ids.to(device)
+        self.text_encoder = text_encoder if config.train_text_encoder else None
+        self.cached = None
+        if self.text_encoder is None:
+            text_encoder.to(device, dtype=dtype)
+            with torch.no_grad():
+                self.cached = text_encoder(self.ids)[0].float()
+
+    def __call__(self, n_instance: int, n_class: int):
+        import torch
+
+        states = self.cached if self.cached is not None else self.text_encoder(self.ids)[0]
+        rows = torch.tensor([0] * n_instance + [1] * n_class, device=states.device)
+        return states.index_select(0, rows)
+
+
+def make_optimizer(params, config: TrainConfig, device, console):
+    """AdamW; bitsandbytes' 8-bit AdamW when asked and possible; fused kernels on CUDA."""
+    import torch
+
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if config.use_8bit_adam:  # resolve_for_device kept it only where it works
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+
+
+def make_progress(console, total: int, completed: int, disable: bool = False):
+    """A rich progress bar with loss, steps/s and time left; returns (progress, task id)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class StepsPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.2f} steps/s" if task.speed else "-- steps/s")
+
+    progress = Progress(
+        TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), StepsPerSecond(), TimeRemainingColumn(),
+        console=console, disable=disable,
+    )
+    task = progress.add_task("training", total=total, completed=completed, loss="--")
+    return progress, task
+
+
+def weight_dtype(mixed_precision: str):
+    """The dtype frozen weights may be cast to under this mixed precision."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def tracker_config(config: TrainConfig) -> dict:
+    # TensorBoard's hparams take scalars and strings only.
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in config.to_dict().items() if v is not None}

@@ -1,0 +1,105 @@
+"""Training examples: subject photos paired with class images, one pair per dataset index.
+
+Images are read once with Pillow (no torchvision: its PyPI wheel does not load beside the CPU
+torch) and, because the VAE is frozen, encoded to latents once by the trainer. This module
+only decides which cached tensor each batch position gets, so it never touches the global RNG:
+the flip of index i in epoch e is a pure function of (seed, e, i), which keeps a resumed run
+bit-identical to one never stopped even though the loader prefetches a batch ahead.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_image(path: str | Path, resolution: int):
+    """A (3, resolution, resolution) float tensor in [-1, 1]: short side resized, centre crop.
+
+    Class images from a prior set may have been made at another size; this brings any image
+    to the training resolution.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    scale = resolution / min(image.size)
+    if image.size != (resolution, resolution):
+        size = (max(resolution, round(image.width * scale)),
+                max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside `folder`, in name order (the order is part of the seed)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_views(paths: list[Path], resolution: int, random_flip: bool):
+    """Tensor (N, V, 3, H, W): each image, and its mirror image when flips are on (V = 2)."""
+    import torch
+
+    images = torch.stack([load_image(p, resolution) for p in paths])
+    if random_flip:
+        return torch.stack([images, images.flip(-1)], dim=1)
+    return images.unsqueeze(1)
+
+
+class PairedExamples:
+    """A map-style dataset (torch's DataLoader needs only __len__ and __getitem__).
+
+    Index i -> instance example i mod N, and (with priors) class example i mod M.
+
+    `instance` and `classes` hold one tensor per image with a leading "view" axis (the image,
+    and its mirror when flips are on); here they are the cached VAE latent statistics, but any
+    per-image tensor works. The length is max(N, M), as in the DreamBooth reference code, so an
+    epoch shows every class image once and cycles the few subject photos.
+    """
+
+    def __init__(self, instance, classes=None, seed: int = 0):
+        if len(instance) == 0:
+            raise ValueError("no instance examples")
+        if classes is not None and len(classes) == 0:
+            raise ValueError("prior preservation needs class examples, found none")
+        self.instance = instance
+        self.classes = classes
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.classes) if self.classes is not None else 0)
+
+    def _view(self, kind: str, index: int, views: int) -> int:
+        if views == 1:
+            return 0
+        # String seeds go through SHA-512 in `random`: stable across processes and runs.
+        return random.Random(f"{self.seed}/{self.epoch}/{kind}/{index}").randrange(views)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {}
+        for kind, tensors in (("instance", self.instance), ("class", self.classes)):
+            if tensors is None:
+                continue
+            example = tensors[index % len(tensors)]
+            item[kind] = example[self._view(kind, index, example.shape[0])]
+        return item
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """One batch: all instance examples first, then all class examples (one forward pass)."""
+    import torch
+
+    examples = [item["instance"] for item in items]
+    examples += [item["class"] for item in items if "class" in item]
+    return {"latents": torch.stack(examples), "num_instance": len(items)}

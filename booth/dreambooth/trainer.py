@@ -1,0 +1,394 @@
+"""DreamBooth fine-tuning of Stable Diffusion 1.x with class-prior preservation, on accelerate.
+
+Read `_run` top to bottom: load the parts, freeze what is not trained, encode every image
+through the frozen VAE once, then the loop: sample noise and timesteps, predict the noise
+(or v), loss = instance MSE + prior_loss_weight * class MSE, step, log, checkpoint.
+
+A run stopped at any checkpoint and resumed produces the same losses, bit for bit, as one that
+never stopped: the data order comes from accelerate's seedable sampler (set back to the saved
+epoch and position), all noise from one generator saved in the checkpoint, and the step count
+from a file we write ourselves (see checkpoints.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from booth.dreambooth.checkpoints import (
+    CheckpointError,
+    GeneratorState,
+    discard_after,
+    list_checkpoints,
+    prune_checkpoints,
+    read_training_state,
+    register_weight_hooks,
+    resolve_checkpoint,
+    save_checkpoint,
+    sweep_temporary,
+    truncate_metrics,
+)
+from booth.dreambooth.config import ConfigError, TrainConfig, load_config
+from booth.dreambooth.models import (
+    FINAL_DIR,
+    LORA_DIR,
+    add_lora,
+    export_lora,
+    export_pipeline,
+    load_parts,
+    load_run_pipeline,
+)
+from booth.dreambooth.setup import (
+    PromptEmbeddings,
+    cache_latent_stats,
+    make_accelerator,
+    make_optimizer,
+    make_progress,
+    resolve_for_device,
+    tracker_config,
+    weight_dtype,
+)
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "list_checkpoints",
+    "load_run_pipeline",
+    "resume",
+    "train",
+]
+
+
+class TrainingError(Exception):
+    """Training cannot start or go on (existing run, diverged loss); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "completed" | "interrupted"
+    steps_done: int
+    final_loss: float | None
+    checkpoints: list[Path] = field(default_factory=list)
+    final_model: Path | None = None
+    seconds: float = 0.0
+
+
+def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] = lambda: False
+          ) -> TrainResult:
+    """Start a new run in `config.output_dir`, which must not hold one yet."""
+    config.check()
+    console = console or _stderr_console()
+    run_dir = Path(config.output_dir).resolve()
+    if (run_dir / "run.yaml").exists():
+        raise TrainingError(f"{run_dir} already holds a run; resume it instead of starting over")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise TrainingError(f"{run_dir} is not empty; give a new folder for the run")
+    config = resolve_for_device(config, run_dir, console)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save_yaml(run_dir / "run.yaml")
+    try:
+        return _run(config, run_dir, None, console, should_stop)
+    except BaseException:
+        _remove_if_untrained(run_dir)
+        raise
+
+
+def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int | None = None,
+           *, console=None, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+    """Continue a run from one of its checkpoints, to its max_train_steps or a new total.
+
+    The LR schedule is rebuilt for the (possibly new) total before the checkpoint is loaded:
+    a constant schedule continues exactly; a decaying one is stretched to the new total.
+    What the run wrote after that checkpoint (later checkpoints, metric lines, the final
+    model) is discarded, since training from it writes them anew.
+    """
+    console = console or _stderr_console()
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "run.yaml").is_file():
+        raise TrainingError(f"{run_dir} is not a run folder (no run.yaml)")
+    config = load_config(run_dir / "run.yaml", output_dir=str(run_dir))
+    sweep_temporary(run_dir)
+    step, folder = resolve_checkpoint(run_dir, checkpoint)
+    if max_train_steps is not None:
+        if max_train_steps <= step:
+            raise TrainingError(
+                f"{folder.name} is already at step {step}; max_train_steps must be larger"
+            )
+        config.max_train_steps = max_train_steps
+    elif step >= config.max_train_steps:
+        raise TrainingError(
+            f"{folder.name} is the end of this run ({config.max_train_steps} steps); "
+            "pass a larger max_train_steps to train further"
+        )
+    config = resolve_for_device(config.check(), run_dir, console)
+    config.save_yaml(run_dir / "run.yaml")
+    discard_after(run_dir, step)
+    for name in (FINAL_DIR, LORA_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    truncate_metrics(run_dir / "metrics.jsonl", step)
+    return _run(config, run_dir, folder, console, should_stop)
+
+
+@dataclass
+class _Training:
+    """Everything the loop touches, prepared by accelerate."""
+
+    accelerator: Any
+    models: list  # the trained ones: [unet] or [unet, text_encoder]
+    params: list
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    dataset: Any
+    prompts: PromptEmbeddings
+    noise_scheduler: Any
+    generator: Any
+    scaling: tuple[float, float]
+
+
+def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, should_stop
+         ) -> TrainResult:
+    started = time.monotonic()
+    t = _prepare(config, run_dir, console)
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "elapsed": 0.0}
+    if checkpoint is not None:
+        t.accelerator.load_state(str(checkpoint))
+        state.update({k: v for k, v in read_training_state(checkpoint).items() if k in state})
+    if config.report_to != "none":
+        # After a resume, TensorBoard drops what the killed run logged past the checkpoint.
+        purge = {"tensorboard": {"purge_step": state["step"] + 1}} if checkpoint else {}
+        t.accelerator.init_trackers("dreambooth", config=tracker_config(config), init_kwargs=purge)
+    final_model = None
+    try:
+        status, loss = _loop(t, config, run_dir, state, console, should_stop,
+                             saved_at=state["step"] if checkpoint else -1)
+        if status == "completed":
+            final_model = _export(t, config, run_dir)
+    finally:
+        if config.report_to != "none":
+            t.accelerator.end_training()
+    return TrainResult(
+        run_dir=run_dir, status=status, steps_done=state["step"], final_loss=loss,
+        checkpoints=[path for _, path in list_checkpoints(run_dir)], final_model=final_model,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _prepare(config: TrainConfig, run_dir: Path, console) -> _Training:
+    """Load the parts, freeze what is not trained, cache the inputs, prepare with accelerate."""
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from torch.utils.data import DataLoader
+
+    from booth.dreambooth.train_data import PairedExamples, collate_pairs
+
+    accelerator = make_accelerator(config, run_dir)
+    set_seed(config.seed)
+    device, frozen_dtype = accelerator.device, weight_dtype(accelerator.mixed_precision)
+    parts = load_parts(config.base_model)
+    unet, text_encoder = parts.unet, parts.text_encoder
+    # The VAE is always frozen; the text encoder unless trained. No grads, no grad memory.
+    parts.vae.requires_grad_(False)
+    text_encoder.requires_grad_(config.train_text_encoder)
+    trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
+    if config.use_lora:
+        for model in trained:  # frozen base weights may sit in the low-precision dtype
+            model.to(device)
+            if frozen_dtype != torch.float32:
+                model.to(dtype=frozen_dtype)
+        add_lora(unet, text_encoder if config.train_text_encoder else None, config.lora_rank)
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]
+    for param in params:  # trained weights stay fp32: fp16 ones cannot be unscaled
+        param.data = param.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:  # transformers 5 renamed it; 4.x has the old name
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            (enable or text_encoder.gradient_checkpointing_enable)()
+
+    # Every image through the frozen VAE once; then the VAE (and a frozen text encoder,
+    # whose two outputs are cached too) leave memory.
+    instance, classes = cache_latent_stats(parts.vae, config, device, frozen_dtype, console)
+    scaling = (parts.vae.config.scaling_factor, parts.vae.config.get("shift_factor") or 0.0)
+    prompts = PromptEmbeddings(parts.tokenizer, text_encoder, config, device, frozen_dtype)
+    dataset = PairedExamples(instance, classes, seed=config.seed)
+    loader = DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
+                        collate_fn=collate_pairs)
+
+    optimizer = make_optimizer(params, config, device, console)
+    # accelerate steps the scheduler once per process for every optimizer step.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    *models, optimizer, loader, lr_scheduler = accelerator.prepare(
+        *trained, optimizer, loader, lr_scheduler)
+    if config.train_text_encoder:
+        prompts.text_encoder = models[1]
+    register_weight_hooks(accelerator, {id(unet): "unet", id(text_encoder): "text_encoder"})
+    # All noise of the loop comes from this generator (offset per process), saved with
+    # each checkpoint: the global RNG is also drawn by DataLoader iterators.
+    generator = torch.Generator(device).manual_seed(config.seed + accelerator.process_index)
+    accelerator.register_for_checkpointing(GeneratorState(generator))
+    return _Training(accelerator, models, params, optimizer, lr_scheduler, loader, dataset,
+                     prompts, parts.noise_scheduler, generator, scaling)
+
+
+def _loop(t: _Training, config: TrainConfig, run_dir: Path, state: dict, console, should_stop,
+          saved_at: int) -> tuple[str, float | None]:
+    """Train from `state` to max_train_steps; return (status, last logged loss)."""
+    accelerator, loss = t.accelerator, None
+    elapsed_before, resumed_at = state["elapsed"], time.monotonic()
+    progress, task = make_progress(console, config.max_train_steps, state["step"],
+                                   disable=not accelerator.is_main_process)
+    with progress, (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as metrics:
+        while True:
+            # Same (seed, epoch) -> same order; a resumed run skips what it already saw.
+            t.loader.set_epoch(state["epoch"])
+            t.dataset.set_epoch(state["epoch"])
+            skip = state["batches_in_epoch"]
+            batches = accelerator.skip_first_batches(t.loader, skip) if skip else t.loader
+            sums: dict = {}
+            for batch in batches:
+                state["batches_in_epoch"] += 1
+                losses, lr = _micro_step(t, batch, config, state["step"] + 1)
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + accelerator.reduce(value, "mean").item()
+                sums["n"] = sums.get("n", 0) + 1
+                if not accelerator.sync_gradients:
+                    continue  # accumulating: the optimizer has not stepped yet
+                state["step"] += 1
+                state["elapsed"] = elapsed_before + time.monotonic() - resumed_at
+                row = _metrics_row(state, sums, lr)
+                sums, loss = {}, row["loss"]
+                if state["batches_in_epoch"] == len(t.loader):  # the next step starts an epoch
+                    state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
+                if accelerator.is_main_process:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()  # a killed run keeps every finished step
+                if config.report_to != "none":
+                    accelerator.log({k: v for k, v in row.items() if k != "step"},
+                                    step=state["step"])
+                done = state["step"] >= config.max_train_steps
+                if state["step"] % config.checkpointing_steps == 0 or done:
+                    _checkpoint(t, run_dir, state, config, progress)
+                    saved_at = state["step"]
+                progress.update(task, completed=state["step"], loss=f"{loss:.4f}")
+                if done:
+                    return "completed", loss
+                if should_stop():
+                    if saved_at != state["step"]:
+                        _checkpoint(t, run_dir, state, config, progress)
+                    return "interrupted", loss
+
+
+def _micro_step(t: _Training, batch, config: TrainConfig, step: int):
+    """Forward and backward of one batch; the optimizer steps when accumulation is complete."""
+    import torch
+
+    with t.accelerator.accumulate(*t.models):
+        losses = _losses(batch, t.models[0], t.prompts, t.noise_scheduler, t.generator, config,
+                         t.scaling)
+        if not torch.isfinite(losses["loss"]):
+            raise TrainingError(_diverged(step, config))
+        t.accelerator.backward(losses["loss"])
+        if t.accelerator.sync_gradients and config.max_grad_norm > 0:
+            t.accelerator.clip_grad_norm_(t.params, config.max_grad_norm)
+        lr = t.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+    return {k: v.detach() for k, v in losses.items()}, lr
+
+
+def _losses(batch, unet, prompts, noise_scheduler, generator, config, scaling) -> dict:
+    """Instance and prior MSE of the noise (or v) prediction for one batch."""
+    import torch
+    import torch.nn.functional as F
+
+    mean, std = batch["latents"].unbind(1)  # cached statistics of the frozen VAE's posterior
+    draw = {"generator": generator, "device": mean.device, "dtype": mean.dtype}
+    latents = (mean + std * torch.randn(mean.shape, **draw) - scaling[1]) * scaling[0]
+    noise = torch.randn(latents.shape, **draw)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    hidden = prompts(batch["num_instance"], len(latents) - batch["num_instance"])
+    prediction = unet(noisy, timesteps, hidden, return_dict=False)[0].float()
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    n = batch["num_instance"]
+    instance_loss = F.mse_loss(prediction[:n], target[:n].float())
+    if not config.with_prior_preservation:
+        return {"loss": instance_loss, "instance_loss": instance_loss}
+    prior_loss = F.mse_loss(prediction[n:], target[n:].float())
+    loss = instance_loss + config.prior_loss_weight * prior_loss
+    return {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
+
+
+def _metrics_row(state: dict, sums: dict, lr: float) -> dict:
+    """One metrics.jsonl line; losses are averaged over the accumulated micro-batches."""
+    row = {"step": state["step"]}
+    row.update({k: v / sums["n"] for k, v in sums.items() if k != "n"})
+    row.update(lr=lr, epoch=state["epoch"], elapsed=round(state["elapsed"], 3))
+    return row
+
+
+def _checkpoint(t: _Training, run_dir: Path, state: dict, config: TrainConfig,
+                progress) -> None:
+    models = ["unet", "text_encoder"][: len(t.models)]
+    saved = save_checkpoint(t.accelerator, run_dir,
+                            {**state, "models": models, "use_lora": config.use_lora})
+    if t.accelerator.is_main_process:
+        prune_checkpoints(run_dir, config.checkpoints_total_limit)
+        progress.console.print(f"saved {saved.name}")
+
+
+def _export(t: _Training, config: TrainConfig, run_dir: Path) -> Path:
+    """The final model: a pipeline folder, or LoRA weights, written by the main process."""
+    t.accelerator.wait_for_everyone()
+    unet = t.accelerator.unwrap_model(t.models[0])
+    text_encoder = t.accelerator.unwrap_model(t.models[1]) if len(t.models) > 1 else None
+    dest = run_dir / (LORA_DIR if config.use_lora else FINAL_DIR)
+    if t.accelerator.is_main_process:
+        if config.use_lora:
+            export_lora(unet, text_encoder, dest)
+        else:
+            export_pipeline(config.base_model, unet, text_encoder, dest)
+    t.accelerator.wait_for_everyone()
+    return dest
+
+
+def _diverged(step: int, config: TrainConfig) -> str:
+    return (
+        f"the loss became NaN/inf at step {step}: training diverged. Try a lower "
+        f"learning_rate than {config.learning_rate:g} (e.g. {config.learning_rate / 5:g}), "
+        "or resume from an earlier checkpoint"
+    )
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _remove_if_untrained(run_dir: Path) -> None:
+    """A run that failed before its first step (bad model, no memory) leaves nothing behind,
+    so its name can be used again; one that trained keeps its metrics for the post-mortem."""
+    metrics = run_dir / "metrics.jsonl"
+    if not list_checkpoints(run_dir) and not (metrics.is_file() and metrics.stat().st_size):
+        shutil.rmtree(run_dir, ignore_errors=True)
