@@ -213,7 +213,7 @@ def demo(
         raise fail("the demo ended without sample images; see the messages above", code=1)
     ui.console.print("\n[bold]Sample images:[/]")
     for path in samples[-1]["images"] + [samples[-1]["grid"]]:
-        ui.console.print(f"  {path}", highlight=False)
+        ui.console.print(f"  {path}", highlight=False, soft_wrap=True)  # whole, to copy
 
 
 agent_commands.register(app, tool_context, fail)

@@ -241,3 +241,18 @@ def test_sample_from_a_run_and_its_errors(ctx, monkeypatch, tiny_model):
     result = _sample(ctx, run="rex", checkpoint="10", num_images_per_prompt=1)
     assert calls == [("rex", "10")] and result["model"] == "run rex (10)"
     assert Path(result["folder"]).name.startswith("rex-") and len(result["images"]) == 2
+
+
+def test_a_moved_model_keeps_its_class_images_and_another_model_does_not(tmp_path, tiny_model):
+    import shutil
+
+    from booth.dreambooth.priors import model_id
+    from booth.dreambooth.tiny import save_tiny_model
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_model, moved)
+    assert model_id(str(moved)) == model_id(tiny_model)
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    assert model_id(str(other)) != model_id(tiny_model)
+    assert model_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5")

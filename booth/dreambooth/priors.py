@@ -29,6 +29,7 @@ PRIORS_FILE = "priors.json"
 DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
+_FINGERPRINT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,26 @@ class PriorKey:
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int = 0
     resolution: int = 512
+    # Where the model is loaded from. Not part of the key: the same model at another path
+    # (a moved folder, a replayed session elsewhere) draws the same pixels.
+    source: str = field(default="", compare=False)
 
     @classmethod
     def create(cls, base_model: str, prompt: str, **settings) -> PriorKey:
-        """A key with the model named the same way wherever it is given from."""
+        """A key with the model identified by what it is, wherever it is given from."""
         negative = settings.pop("negative_prompt", None)
         return cls(model_id(base_model), normalize_prompt(prompt),
-                   normalize_prompt(negative) if negative else None, **settings)
+                   normalize_prompt(negative) if negative else None, **settings,
+                   source=base_model)
+
+    def identity(self) -> dict:
+        """The fields that decide the pixels (what priors.json compares)."""
+        data = asdict(self)
+        data.pop("source")
+        return data
 
     def digest(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        text = json.dumps(self.identity(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def folder_name(self) -> str:
@@ -72,9 +83,18 @@ class PriorResult:
 
 
 def model_id(base_model: str) -> str:
-    """A local folder as its absolute path, anything else (a hub id) as given."""
+    """A hub id as given; a local folder by a fingerprint of its contents, so that moving it
+    keeps its class images and rebuilding another model at the same path does not."""
     path = Path(base_model).expanduser()
-    return str(path.resolve()) if path.exists() else base_model
+    if not path.is_dir():
+        return base_model
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(str(file.stat().st_size).encode())
+        with open(file, "rb") as handle:  # the head of each file: configs whole, weights'
+            digest.update(handle.read(_FINGERPRINT_BYTES))  # header and first tensors
+    return f"local:{digest.hexdigest()[:16]}"
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -144,13 +164,17 @@ def generate_class_images(key: PriorKey, folder: Path, num_images: int,
 def _claim(folder: Path, key: PriorKey) -> None:
     """Create the folder for `key`, or check that the one there was made for the same key."""
     recorded = read_prior_set(folder)
-    if recorded is not None and recorded.get("key") != asdict(key):
+    if recorded is not None and _identity(recorded.get("key")) != key.identity():
         raise ValueError(f"{folder} holds class images made with other settings "
                          f"({recorded.get('key')}); refusing to mix them")
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a run killed in the middle of a write
         stale.unlink(missing_ok=True)
     _write_metadata(folder, key)
+
+
+def _identity(recorded_key: dict | None) -> dict | None:
+    return {k: v for k, v in recorded_key.items() if k != "source"} if recorded_key else None
 
 
 def _write_metadata(folder: Path, key: PriorKey) -> None:

@@ -50,7 +50,7 @@ def generate_priors(
     folder = ctx.workspace.priors_dir(key.folder_name())
     try:
         result = generate_class_images(
-            key, folder, num_images, lambda: _load(key.base_model),
+            key, folder, num_images, lambda: _load(key.source),
             batch_size=batch_size or DEFAULT_BATCH, console=ctx.console,
             should_stop=ctx.stop_requested.is_set)
     except ModelLoadError as error:
@@ -108,7 +108,7 @@ def _result(key, result, requested: int) -> dict:
         "requested": requested,
         "paths_sample": [str(p) for p in result.images[:_SAMPLE_PATHS]],
         "seconds": result.seconds,
-        "settings": {"base_model": key.base_model, "resolution": key.resolution,
+        "settings": {"base_model": key.source, "resolution": key.resolution,
                      "num_inference_steps": key.num_inference_steps,
                      "guidance_scale": key.guidance_scale, "scheduler": key.scheduler,
                      "seed": key.seed, "negative_prompt": key.negative_prompt},
@@ -165,7 +165,7 @@ def _describe_cost(ctx, args: dict) -> str:
     missing = wanted - len(present)
     if missing == 0:
         return f"{wanted} images at {key.resolution} px: all already made, nothing to generate"
-    per_image, where = seconds_per_image(key.base_model, key.resolution,
+    per_image, where = seconds_per_image(key.source, key.resolution,
                                          key.num_inference_steps)
     reused = f" ({len(present)} reused)" if present else ""
     return (f"{wanted} images at {key.resolution} px, {key.num_inference_steps} steps: "
