@@ -172,4 +172,14 @@ def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     pipeline.save_pretrained(folder, safe_serialization=True)
     # transformers 5 saves only tokenizer.json; keep the vocab/merges pair for older readers.
     write_clip_tokenizer(folder / "tokenizer")
+    _drop_loader_state(folder / "tokenizer" / "tokenizer_config.json")
     return folder
+
+
+def _drop_loader_state(config_file: Path) -> None:
+    """transformers records how the tokenizer was loaded (offline or not) in its config; that
+    is no property of the model, and would make the same seed give different files."""
+    config = json.loads(config_file.read_text())
+    for key in ("local_files_only", "is_local"):
+        config.pop(key, None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
