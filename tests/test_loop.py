@@ -16,9 +16,11 @@ from fakellm import FakeLLM, call, calls, reply
 from rich.console import Console
 
 from booth.agent.approval import AskUser, AutoApprove
+from booth.agent.endpoint import OpenAIChatModel
 from booth.agent.loop import Session, SessionAborted
-from booth.agent.model import EndpointSettings, OpenAIChatModel, ReplayModel
+from booth.agent.model import ReplayModel
 from booth.agent.prompt import build_system_prompt
+from booth.agent.settings import EndpointSettings
 from booth.agent.transcript import (
     TranscriptWriter,
     assistant_turns,

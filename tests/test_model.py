@@ -9,16 +9,9 @@ import time
 import pytest
 from fakellm import FakeLLM, call, calls, error, hang, reply
 
-from booth.agent.model import (
-    AssistantTurn,
-    EndpointError,
-    EndpointSettings,
-    OpenAIChatModel,
-    ReplayModel,
-    ScriptedModel,
-    ToolCall,
-    resolve_settings,
-)
+from booth.agent.endpoint import OpenAIChatModel
+from booth.agent.model import AssistantTurn, EndpointError, ReplayModel, ScriptedModel, ToolCall
+from booth.agent.settings import EndpointSettings, resolve_settings
 from booth.agent.wire import assistant_message, check_request
 
 ID = re.compile(r"^[a-zA-Z0-9]{9}$")

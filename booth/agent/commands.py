@@ -96,8 +96,10 @@ def run_chat(ctx, fail, goal: str | None, options: dict, *, yes: bool,
     from rich.console import Console
 
     from booth.agent.approval import AskUser, AutoApprove, RefuseAll
+    from booth.agent.endpoint import OpenAIChatModel
     from booth.agent.loop import SessionAborted
-    from booth.agent.model import EndpointError, OpenAIChatModel, resolve_settings
+    from booth.agent.model import EndpointError
+    from booth.agent.settings import resolve_settings
     from booth.agent.ui import ChatUI
 
     try:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from booth.dreambooth.progress import image_progress
+
 PRIORS_FILE = "priors.json"
 # DPM-Solver++ (2M) matches the default sampler's images in about half the steps; class images
 # only need to look like the model's idea of the class, and there are hundreds of them.
@@ -145,7 +147,10 @@ def generate_class_images(key: PriorKey, folder: Path, num_images: int,
     status = "complete"
     if missing:
         pipeline = _prepare_pipeline(load_pipeline(), key.scheduler)
-        with _Progress(console, num_images, reused, key.prompt) as advance:
+        from rich.markup import escape
+
+        label = f"class images [dim]{escape(key.prompt[:40])}"
+        with image_progress(console, label, num_images, reused) as advance:
             for start in range(0, len(missing), batch_size):
                 if should_stop is not None and should_stop():
                     status = "interrupted"
@@ -263,51 +268,3 @@ def natural_resolution(base_model: str, fallback: int = 512) -> int:
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (KeyError, TypeError, ValueError):
         return fallback
-
-
-class _Progress:
-    """Rich progress (images, speed, time left) on `console`; nothing without a console."""
-
-    def __init__(self, console, total: int, done: int, prompt: str):
-        self.console, self.total, self.done, self.prompt = console, total, done, prompt
-
-    def __enter__(self):
-        if self.console is None:
-            return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("class images [dim]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), _speed_column(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=self.console,
-                            speed_estimate_period=3600)
-        self.bar.__enter__()
-        task = self.bar.add_task(self.prompt[:40], total=self.total, completed=self.done,
-                                 reused=self.done)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.console is not None:
-            self.bar.__exit__(*exc)
-
-
-def _speed_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class Speed(ProgressColumn):
-        def render(self, task):
-            # Over the whole run, not rich's 30 s window: a batch can take longer than that.
-            made = task.completed - task.fields.get("reused", 0)
-            elapsed = task.finished_time or task.elapsed
-            if not made or not elapsed:
-                return Text("- s/img", style="cyan")
-            return Text(f"{elapsed / made:.2f} s/img", style="cyan")
-
-    return Speed()

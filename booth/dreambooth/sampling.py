@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from booth.dreambooth.progress import image_progress
+
 # Works well at 20-30 steps whatever scheduler a model folder was saved with (a trained run
 # may carry the DDPM scheduler used in training, which needs hundreds of steps).
 DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
@@ -65,7 +67,7 @@ def sample_images(pipeline, prompts: list[str], out_dir: Path, *, num_images_per
                for cols in _chunks(range(1, num_images_per_prompt + 1), batch_size)]
     settings = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                     height=height, width=width, negative_prompt=negative_prompt)
-    with _Progress(console, len(prompts) * num_images_per_prompt) as advance:
+    with image_progress(console, "sampling", len(prompts) * num_images_per_prompt) as advance:
         for row, cols in batches:
             if should_stop is not None and should_stop():
                 status = "interrupted"
@@ -121,33 +123,3 @@ def _slug(prompt: str) -> str:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-class _Progress:
-    """A rich progress bar on `console`; nothing when there is no console."""
-
-    def __init__(self, console, total: int):
-        self.console, self.total = console, total
-
-    def __enter__(self):
-        if self.console is None:
-            return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-                            speed_estimate_period=3600)
-        self.bar.__enter__()
-        task = self.bar.add_task("sampling", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.console is not None:
-            self.bar.__exit__(*exc)
