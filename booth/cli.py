@@ -126,37 +126,18 @@ def call_tool(
 
     The tool's JSON result is the only thing written to stdout; progress goes to stderr.
     """
-    from booth.tools import ToolArgumentError, ToolError, get_tool, parse_arguments
+    from booth.tools import ToolArgumentError, ToolError, get_tool
+    from booth.tools.registry import parse_words
 
     context = tool_context()
     try:
         spec = get_tool(name)
-        parsed = _cli_arguments(arguments or [], parse_arguments)
+        parsed = parse_words(arguments or [])
         result = _run_interruptibly(spec, context, parsed)
     except ToolError as error:
         # 2: the call was invalid and nothing ran; 1: the tool ran and failed.
         raise fail(str(error), code=2 if isinstance(error, ToolArgumentError) else 1) from None
     typer.echo(json.dumps(result, indent=2, default=str))
-
-
-def _cli_arguments(words: list[str], parse_arguments) -> object:
-    """One JSON word, or key=value words merged into an object."""
-    if len(words) == 1 and words[0].lstrip().startswith("{"):
-        return parse_arguments(words[0])
-    from booth.tools import ToolArgumentError
-
-    merged: dict[str, object] = {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if not sep or not key:
-            raise ToolArgumentError(
-                f"cannot read argument {word!r}: give one JSON object or key=value pairs"
-            )
-        try:
-            merged[key] = json.loads(value)
-        except json.JSONDecodeError:
-            merged[key] = value
-    return merged
 
 
 def _run_interruptibly(spec, context, arguments):

@@ -16,12 +16,14 @@ def demo_tool(
     steps: Annotated[int, Param("Denoising steps", minimum=1, maximum=200)] = 30,
     precision: Annotated[Literal["no", "fp16", "bf16"], Param("Mixed precision")] = "no",
     run: Annotated[str | None, Param("Run name", pattern=r"^[a-z]+$")] = None,
+    size: Annotated[int, Param("Pixels", minimum=64, multiple_of=8)] = 64,
 ) -> dict:
     """Draw some pictures.
 
     A second paragraph the model also reads.
     """
-    return {"prompts": prompts, "steps": steps, "precision": precision, "run": run}
+    return {"prompts": prompts, "steps": steps, "precision": precision, "run": run,
+            "size": size}
 
 
 def test_schema_comes_from_the_signature():
@@ -47,7 +49,7 @@ def test_schema_comes_from_the_signature():
 
 def test_valid_arguments_run_with_defaults_filled_in():
     assert demo_tool.run(None, {"prompts": ["a dog"]}) == {
-        "prompts": ["a dog"], "steps": 30, "precision": "no", "run": None,
+        "prompts": ["a dog"], "steps": 30, "precision": "no", "run": None, "size": 64,
     }
 
 
@@ -62,6 +64,7 @@ def test_valid_arguments_run_with_defaults_filled_in():
         ({"prompts": ["a"], "precision": "fp8"}, "precision: 'fp8' is not one of"),
         ({"prompts": []}, "prompts: [] should be non-empty"),
         ({"prompts": ["a"], "run": "../etc"}, "run: '../etc' does not match"),
+        ({"prompts": ["a"], "size": 100}, "size: 100 is not a multiple of 8"),
         (["a dog"], "must be a JSON object, got list"),
     ],
 )

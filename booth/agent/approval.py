@@ -12,7 +12,6 @@ The input function is injectable so tests (and typer's CliRunner) can drive the 
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,27 +154,11 @@ def parse_edit(text: str) -> dict[str, Any]:
     `steps=400 prompt="a photo of sks dog"` -> {"steps": 400, "prompt": "a photo of sks dog"}
     """
     from booth.tools import ToolArgumentError
+    from booth.tools.registry import parse_words
 
     if text.lstrip().startswith("{"):
-        try:
-            patch = json.loads(text)
-        except json.JSONDecodeError as error:
-            message = f"not valid JSON ({error.msg} at column {error.colno})"
-            raise ToolArgumentError(message) from None
-        if not isinstance(patch, dict):
-            raise ToolArgumentError("give a JSON object")
-        return patch
+        return parse_words([text])
     try:
-        words = shlex.split(text)
-    except ValueError as error:
+        return parse_words(shlex.split(text))
+    except ValueError as error:  # shlex: an unclosed quote
         raise ToolArgumentError(f"cannot read the changes: {error}") from None
-    patch: dict[str, Any] = {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if not sep or not key:
-            raise ToolArgumentError(f"cannot read {word!r}: write key=value")
-        try:
-            patch[key] = json.loads(value)
-        except json.JSONDecodeError:
-            patch[key] = value
-    return patch

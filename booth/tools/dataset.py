@@ -38,7 +38,8 @@ def prepare_dataset(
     instance_token: Annotated[str, Param("Rare identifier bound to the subject",
                                          pattern=r"^[A-Za-z0-9_<>-]{1,32}$")] = "sks",
     resolution: Annotated[int, Param("Square training resolution in pixels, a multiple of 8 "
-                                     "(512 for SD 1.x)", minimum=64, maximum=1024)] = 512,
+                                     "(512 for SD 1.x)", minimum=64, maximum=1024,
+                                     multiple_of=8)] = 512,
     name: Annotated[str | None, Param("Dataset name (default: from the folder name)",
                                       pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = None,
 ) -> dict:
@@ -50,9 +51,6 @@ def prepare_dataset(
     """
     from booth.dreambooth.images import prepare_images
 
-    if resolution % 8:
-        raise ToolError(f"resolution {resolution} is not a multiple of 8 (try "
-                        f"{round(resolution / 8) * 8})")
     source = _source_folder(images_dir)
     class_noun = _clean_noun(class_noun)
     name = check_name(name or default_name(source), "dataset name")

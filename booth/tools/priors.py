@@ -25,7 +25,8 @@ def generate_priors(
                                minimum=0, maximum=2**32 - 1)] = 0,
     resolution: Annotated[int | None, Param("Square size in pixels, a multiple of 8 (default: "
                                             "the model's own, 512 for SD 1.x)",
-                                            minimum=64, maximum=1024)] = None,
+                                            minimum=64, maximum=1024,
+                                            multiple_of=8)] = None,
     batch_size: Annotated[int | None, Param("Images per forward pass (default 4); does not "
                                             "change the images", minimum=1, maximum=64)] = None,
     num_inference_steps: Annotated[int | None, Param("Denoising steps (default 25)",
@@ -76,9 +77,6 @@ def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
 
     base = base_model or ctx.base_model
     resolution = resolution or priors.natural_resolution(base)
-    if resolution % 8:
-        raise ToolError(f"resolution {resolution} is not a multiple of 8 (try "
-                        f"{round(resolution / 8) * 8})")
     if not prompt.strip():
         raise ToolError("class_prompt is empty: give e.g. 'a photo of a dog'")
     return priors.PriorKey.create(

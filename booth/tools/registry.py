@@ -38,6 +38,7 @@ class Param:
     pattern: str | None = None
     min_items: int | None = None
     max_items: int | None = None
+    multiple_of: int | None = None
 
     def constraints(self) -> dict[str, Any]:
         names = {
@@ -49,6 +50,7 @@ class Param:
             "pattern": "pattern",
             "min_items": "minItems",
             "max_items": "maxItems",
+            "multiple_of": "multipleOf",
         }
         return {
             json_name: getattr(self, attr)
@@ -186,6 +188,29 @@ def tool(function: Callable[..., dict]) -> Tool:
     }
     jsonschema.Draft202012Validator.check_schema(parameters)
     return Tool(function.__name__, description, function, parameters, defaults)
+
+
+def parse_words(words: list[str]) -> dict[str, Any]:
+    """Arguments a person typed: one JSON object, or key=value words whose values are read as
+    JSON when they parse (`steps=400`, `prompts='["a dog"]'`) and as text otherwise
+    (`class_noun=dog`)."""
+    if len(words) == 1 and words[0].lstrip().startswith("{"):
+        parsed = parse_arguments(words[0])
+        if not isinstance(parsed, dict):
+            raise ToolArgumentError("give a JSON object")
+        return parsed
+    merged: dict[str, Any] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise ToolArgumentError(
+                f"cannot read {word!r}: give one JSON object or key=value pairs"
+            )
+        try:
+            merged[key] = json.loads(value)
+        except json.JSONDecodeError:
+            merged[key] = value
+    return merged
 
 
 def parse_arguments(raw: str | dict | None) -> Any:

@@ -33,9 +33,11 @@ def sample(
     negative_prompt: Annotated[str | None, Param("What the images should not show",
                                                  max_length=1000)] = None,
     height: Annotated[int | None, Param("Height in pixels, a multiple of 8 (default: the "
-                                        "model's own)", minimum=64, maximum=1024)] = None,
+                                        "model's own)", minimum=64, maximum=1024,
+                                        multiple_of=8)] = None,
     width: Annotated[int | None, Param("Width in pixels, a multiple of 8 (default: the "
-                                       "model's own)", minimum=64, maximum=1024)] = None,
+                                       "model's own)", minimum=64, maximum=1024,
+                                       multiple_of=8)] = None,
 ) -> dict:
     """Render prompts with a trained run (or the base model) and save the images and a grid.
 
@@ -44,7 +46,6 @@ def sample(
     """
     from booth.dreambooth.sampling import DEFAULT_STEPS, sample_images
 
-    _check_sizes(height, width)
     if checkpoint is not None and run is None:
         raise ToolError("checkpoint needs a run: pass run='<name>' as well")
     if any(not p.strip() for p in prompts):
@@ -59,13 +60,6 @@ def sample(
         console=ctx.console, should_stop=ctx.stop_requested.is_set)
     return _result(result, folder, model, seed, steps, guidance_scale,
                    len(prompts) * num_images_per_prompt)
-
-
-def _check_sizes(height: int | None, width: int | None) -> None:
-    for label, value in (("height", height), ("width", width)):
-        if value is not None and value % 8:
-            raise ToolError(f"{label} {value} is not a multiple of 8 (try "
-                            f"{round(value / 8) * 8})")
 
 
 def _pipeline(ctx: ToolContext, run: str | None, checkpoint: str | None):

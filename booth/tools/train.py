@@ -55,7 +55,7 @@ def train(
                                             max_length=1000)] = None,
     resolution: Annotated[int | None, Param("Training resolution in pixels, a multiple of 8 "
                                             "(default: the dataset's)", minimum=64,
-                                            maximum=1024)] = None,
+                                            maximum=1024, multiple_of=8)] = None,
     train_batch_size: Annotated[int, Param("Subject images per batch (as many class images "
                                            "are added)", minimum=1, maximum=64)] = 1,
     gradient_accumulation_steps: Annotated[int, Param("Batches per optimizer step", minimum=1,
