@@ -26,19 +26,24 @@ def _short(value: Any, width: int = _VALUE_WIDTH) -> str:
 
 def arguments_table(arguments: dict, defaults: dict | None = None,
                     order: list[str] | None = None) -> Table:
-    """The arguments of a call; values equal to the tool's default are marked as such."""
+    """The arguments of a call: what the model chose, one per row, then the values left at
+    the tool's defaults folded into one dim row (train has a dozen of them)."""
     defaults = defaults or {}
     if order:  # the schema's order reads better than defaults-first
         arguments = {**{k: arguments[k] for k in order if k in arguments}, **arguments}
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("argument", style="cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_column("", style="dim", no_wrap=True)
+    left_at_default = []
     for key, value in arguments.items():
-        is_default = key in defaults and defaults[key] == value
-        table.add_row(key, _short(value, 200), "default" if is_default else "")
+        if key in defaults and defaults[key] == value:
+            left_at_default.append(f"{key} {_short(value, 40)}")
+        else:
+            table.add_row(key, _short(value, 200))
+    if left_at_default:
+        table.add_row("defaults", Text(" · ".join(left_at_default), style="dim"))
     if not arguments:
-        table.add_row("(none)", "", "")
+        table.add_row("(none)", "")
     return table
 
 
