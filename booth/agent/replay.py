@@ -224,11 +224,12 @@ def _show_event(ui: ChatUI, event: dict) -> None:
     elif kind == "validation_error":
         ui.invalid_call(event.get("tool", ""), event.get("error", ""))
     elif kind == "approval":
-        ui.tool_call(event.get("tool", "?"), event.get("arguments") or {})
+        _show_recorded_call(ui, event.get("tool", "?"), event.get("arguments") or {})
         if event.get("decision") == "refused":
             ui.refused(event.get("tool", "?"), event.get("reason"))
         else:
-            ui.info(f"{event.get('decision', 'approved')} by the user")
+            how = f" ({event['reason']})" if event.get("reason") else ""
+            ui.info(f"{event.get('decision', 'approved')}{how}")
     elif kind == "tool_result":
         if event.get("ok"):
             ui.tool_result(event.get("tool", "?"), event.get("result"), event.get("seconds", 0))
@@ -240,6 +241,16 @@ def _show_event(ui: ChatUI, event: dict) -> None:
         ui.notice(event.get("text", kind))
     elif kind == "resumed":
         ui.info("(the session was resumed here)")
+
+
+def _show_recorded_call(ui: ChatUI, name: str, arguments: dict) -> None:
+    """As the approval prompt showed it, when the tool still exists; plainly otherwise."""
+    from booth.tools import TOOLS
+
+    if name in TOOLS:
+        show_call(ui, TOOLS[name], arguments, None)
+    else:
+        ui.tool_call(name, arguments)
 
 
 def summarise(ui: ChatUI, report: ReplayReport) -> None:
