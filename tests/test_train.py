@@ -343,3 +343,12 @@ def test_estimate_names_steps_resolution_and_device(tool_context):
         {"dataset": "rex", "max_train_steps": 400, "learning_rate": 5e-6}))
     assert line.startswith("400 steps at 64 px (with prior preservation)")
     assert line.endswith(" on cpu") and "~" in line
+
+
+def test_resume_estimate_says_what_an_earlier_checkpoint_replaces(full_run):
+    ctx, _, _ = full_run
+    tool = get_tool("resume_checkpoint")
+    line = tool.estimate(ctx, tool.validate({"run": "full", "checkpoint": "2",
+                                             "max_train_steps": 6}))
+    assert line.startswith("from checkpoint-2 to step 6: 4 steps")
+    assert line.endswith("; replaces checkpoint-4 and the final model")

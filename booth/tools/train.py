@@ -263,8 +263,24 @@ def _estimate_resume(ctx: ToolContext, args: dict[str, Any]) -> str | None:
     examples *= 2 if config.with_prior_preservation else 1
     seconds = max(total - step, 0) * _seconds_per_step(config.base_model, config.resolution,
                                                        examples)
-    return (f"from {folder.name} to step {total}: {max(total - step, 0)} steps, "
+    cost = (f"from {folder.name} to step {total}: {max(total - step, 0)} steps, "
             f"~{_duration(seconds)} on {_device()}")
+    return cost + _discarded(run_dir, step)
+
+
+def _discarded(run_dir: Path, step: int) -> str:
+    """What resuming from `step` replaces: the user should know before approving."""
+    from booth.dreambooth.checkpoints import list_checkpoints
+    from booth.dreambooth.models import FINAL_DIR, LORA_DIR
+
+    later = [path.name for n, path in list_checkpoints(run_dir) if n > step]
+    lost = []
+    if later:
+        lost.append(f"{len(later)} later checkpoint(s) ({later[0]}..{later[-1]})"
+                    if len(later) > 1 else later[0])
+    if (run_dir / FINAL_DIR).is_dir() or (run_dir / LORA_DIR).is_dir():
+        lost.append("the final model")
+    return f"; replaces {' and '.join(lost)}" if lost else ""
 
 
 def _seconds_per_step(base_model: str, resolution: int, examples: int) -> float:
