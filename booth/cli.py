@@ -6,6 +6,7 @@ Nothing heavy is imported at module level, so `booth --help` stays instant.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -137,7 +138,8 @@ def call_tool(
     except ToolError as error:
         # 2: the call was invalid and nothing ran; 1: the tool ran and failed.
         raise fail(str(error), code=2 if isinstance(error, ToolArgumentError) else 1) from None
-    typer.echo(json.dumps(result, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, every process ran it
+        typer.echo(json.dumps(result, indent=2, default=str))
 
 
 def _run_interruptibly(spec, context, arguments):

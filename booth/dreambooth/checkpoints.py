@@ -79,6 +79,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG states into tmp
     if accelerator.is_main_process:
         # Written last: a folder with this file holds everything save_state wrote.
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
@@ -134,16 +135,40 @@ class GeneratorState:
 
     All training noise comes from this generator, not the global RNG: building a DataLoader
     iterator draws from the global RNG, which would shift the noise after a resume.
+    accelerate writes custom objects from the main process only, so with several processes
+    the state holds every process's generator ("per_process"), and each takes back its own.
     """
 
-    def __init__(self, generator):
+    def __init__(self, generator, accelerator=None):
         self.generator = generator
+        self.accelerator = accelerator
+
+    def _processes(self) -> tuple[int, int]:
+        if self.accelerator is None:
+            return 0, 1
+        return self.accelerator.process_index, self.accelerator.num_processes
 
     def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
+        state = {"state": self.generator.get_state()}
+        if self._processes()[1] > 1:  # save_state calls this on every process: a collective
+            from accelerate.utils import gather_object
+
+            state["per_process"] = gather_object([state["state"]])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+        import torch
+
+        rank, _ = self._processes()
+        saved = state.get("per_process") or [state["state"]]
+        if rank < len(saved):
+            self.generator.set_state(saved[rank])
+            return
+        # Saved by fewer processes: a stream of its own, derived from the saved one.
+        self.generator.set_state(saved[0])
+        offset = torch.randint(2**62, (1,), generator=self.generator,
+                               device=self.generator.device)
+        self.generator.manual_seed(int(offset) + rank)
 
 
 def trainable_state_dict(model) -> dict:

@@ -6,6 +6,7 @@ Kept apart from trainer.py so the loop itself reads top to bottom.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from booth.dreambooth.config import ConfigError, TrainConfig
@@ -54,17 +55,82 @@ def resolve_for_device(config: TrainConfig, run_dir: Path, console) -> TrainConf
     )
 
 
+# --- several processes (`accelerate launch`, torchrun) ----------------------------------------
+# Run directly, booth is one process and none of this imports accelerate. Launched, every
+# process runs the same tool call; these let the main one alone touch the run folder.
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (WORLD_SIZE); 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def _on_cpu_only() -> bool:
+    import torch
+
+    # Without a GPU, accelerate joins the launched processes only when told to use the CPU
+    # (gloo); otherwise each of them silently trains alone on the whole data.
+    return launched_processes() > 1 and not torch.cuda.is_available()
+
+
+def process_state():
+    """accelerate's PartialState of this launch (created once, on the CPU if no GPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_on_cpu_only())
+
+
+def is_main_process() -> bool:
+    return launched_processes() == 1 or process_state().is_main_process
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the launched processes; nothing when run directly."""
+    if launched_processes() > 1:
+        process_state().wait_for_everyone()
+
+
+def same_on_every_process(value):
+    """The main process's `value` on every process (e.g. a run name made from the clock)."""
+    if launched_processes() == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    process_state()
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def process_console(console):
+    """The console to report on; processes other than the main one stay silent."""
+    from rich.console import Console
+
+    if not is_main_process():
+        return Console(stderr=True, quiet=True)
+    return console or Console(stderr=True)
+
+
+def stop_everywhere(accelerator, stop: bool) -> bool:
+    """Ctrl-C reaches the processes at different steps; they must all stop at the same one."""
+    if accelerator.num_processes == 1:
+        return stop
+    import torch
+
+    flag = torch.tensor([float(stop)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+
 def make_accelerator(config: TrainConfig, run_dir: Path):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     # accelerate keeps one process-wide state; a long agent session may train again with
     # another precision. Only a single process may start over (a launched job runs one run).
-    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+    if AcceleratorState._shared_state and launched_processes() == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
     return Accelerator(
+        cpu=_on_cpu_only(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,

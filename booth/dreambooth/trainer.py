@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,15 @@ from booth.dreambooth.models import (
 from booth.dreambooth.setup import (
     PromptEmbeddings,
     cache_latent_stats,
+    is_main_process,
     make_accelerator,
     make_optimizer,
     make_progress,
+    process_console,
     resolve_for_device,
+    stop_everywhere,
     tracker_config,
+    wait_for_everyone,
     weight_dtype,
 )
 
@@ -84,21 +89,28 @@ class TrainResult:
 
 def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] = lambda: False
           ) -> TrainResult:
-    """Start a new run in `config.output_dir`, which must not hold one yet."""
+    """Start a new run in `config.output_dir`, which must not hold one yet.
+
+    Launched as several processes, each calls this; all check before the main one writes.
+    """
     config.check()
-    console = console or _stderr_console()
+    console = process_console(console)
     run_dir = Path(config.output_dir).resolve()
     if (run_dir / "run.yaml").exists():
         raise TrainingError(f"{run_dir} already holds a run; resume it instead of starting over")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise TrainingError(f"{run_dir} is not empty; give a new folder for the run")
     config = resolve_for_device(config, run_dir, console)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save_yaml(run_dir / "run.yaml")
+    wait_for_everyone()  # no process may find the folder the main one is about to create
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save_yaml(run_dir / "run.yaml")
+    wait_for_everyone()
     try:
         return _run(config, run_dir, None, console, should_stop)
     except BaseException:
-        _remove_if_untrained(run_dir)
+        if is_main_process():
+            _remove_if_untrained(run_dir)
         raise
 
 
@@ -111,12 +123,13 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
     What the run wrote after that checkpoint (later checkpoints, metric lines, the final
     model) is discarded, since training from it writes them anew.
     """
-    console = console or _stderr_console()
+    console = process_console(console)
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "run.yaml").is_file():
         raise TrainingError(f"{run_dir} is not a run folder (no run.yaml)")
     config = load_config(run_dir / "run.yaml", output_dir=str(run_dir))
-    sweep_temporary(run_dir)
+    if is_main_process():  # checkpoint-* folders are all another process reads
+        sweep_temporary(run_dir)
     step, folder = resolve_checkpoint(run_dir, checkpoint)
     if max_train_steps is not None:
         if max_train_steps <= step:
@@ -130,11 +143,14 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
             "pass a larger max_train_steps to train further"
         )
     config = resolve_for_device(config.check(), run_dir, console)
-    config.save_yaml(run_dir / "run.yaml")
-    discard_after(run_dir, step)
-    for name in (FINAL_DIR, LORA_DIR):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    truncate_metrics(run_dir / "metrics.jsonl", step)
+    wait_for_everyone()  # every process has read the run before the main one rewrites it
+    if is_main_process():
+        config.save_yaml(run_dir / "run.yaml")
+        discard_after(run_dir, step)
+        for name in (FINAL_DIR, LORA_DIR):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
+    wait_for_everyone()
     return _run(config, run_dir, folder, console, should_stop)
 
 
@@ -240,7 +256,7 @@ def _prepare(config: TrainConfig, run_dir: Path, console) -> _Training:
     # All noise of the loop comes from this generator (offset per process), saved with
     # each checkpoint: the global RNG is also drawn by DataLoader iterators.
     generator = torch.Generator(device).manual_seed(config.seed + accelerator.process_index)
-    accelerator.register_for_checkpointing(GeneratorState(generator))
+    accelerator.register_for_checkpointing(GeneratorState(generator, accelerator))
     return _Training(accelerator, models, params, optimizer, lr_scheduler, loader, dataset,
                      prompts, parts.noise_scheduler, generator, scaling)
 
@@ -252,7 +268,9 @@ def _loop(t: _Training, config: TrainConfig, run_dir: Path, state: dict, console
     elapsed_before, resumed_at = state["elapsed"], time.monotonic()
     progress, task = make_progress(console, config.max_train_steps, state["step"],
                                    disable=not accelerator.is_main_process)
-    with progress, (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as metrics:
+    main = accelerator.is_main_process
+    with progress, ((run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main
+                    else nullcontext()) as metrics:
         while True:
             # Same (seed, epoch) -> same order; a resumed run skips what it already saw.
             t.loader.set_epoch(state["epoch"])
@@ -274,7 +292,7 @@ def _loop(t: _Training, config: TrainConfig, run_dir: Path, state: dict, console
                 sums, loss = {}, row["loss"]
                 if state["batches_in_epoch"] == len(t.loader):  # the next step starts an epoch
                     state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
-                if accelerator.is_main_process:
+                if main:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()  # a killed run keeps every finished step
                 if config.report_to != "none":
@@ -287,7 +305,7 @@ def _loop(t: _Training, config: TrainConfig, run_dir: Path, state: dict, console
                 progress.update(task, completed=state["step"], loss=f"{loss:.4f}")
                 if done:
                     return "completed", loss
-                if should_stop():
+                if stop_everywhere(accelerator, should_stop()):
                     if saved_at != state["step"]:
                         _checkpoint(t, run_dir, state, config, progress)
                     return "interrupted", loss
@@ -378,12 +396,6 @@ def _diverged(step: int, config: TrainConfig) -> str:
         f"learning_rate than {config.learning_rate:g} (e.g. {config.learning_rate / 5:g}), "
         "or resume from an earlier checkpoint"
     )
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def _remove_if_untrained(run_dir: Path) -> None:

@@ -220,7 +220,10 @@ def _run_dir(ctx: ToolContext, run: str) -> Path:
 
 
 def _default_run_name(dataset: str) -> str:
-    return f"{dataset[:47]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from booth.dreambooth.setup import same_on_every_process
+
+    # Launched processes may read the clock on either side of a second: the main one names.
+    return same_on_every_process(f"{dataset[:47]}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 # --- estimates shown when the user approves a call -------------------------------------------
