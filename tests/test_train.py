@@ -352,3 +352,24 @@ def test_resume_estimate_says_what_an_earlier_checkpoint_replaces(full_run):
                                              "max_train_steps": 6}))
     assert line.startswith("from checkpoint-2 to step 6: 4 steps")
     assert line.endswith("; replaces checkpoint-4 and the final model")
+
+
+def test_out_of_gpu_memory_names_the_memory_ladder(tool_context, monkeypatch):
+    import torch
+
+    import booth.dreambooth.trainer as trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    make_dataset(tool_context.workspace.root)
+    monkeypatch.setattr(trainer, "train", out_of_memory)
+    with pytest.raises(ToolError) as error:
+        get_tool("train").run(tool_context, {"dataset": "rex", "max_train_steps": 5,
+                                             "learning_rate": 5e-6, "prior_loss_weight": 0,
+                                             "run_name": "big"})
+    message = str(error.value)
+    assert message.startswith("the GPU ran out of memory")
+    for advice in ("mixed_precision='fp16'", "gradient_checkpointing=true",
+                   "use_8bit_adam=true", "use_lora=true", "resume_checkpoint run='big'"):
+        assert advice in message

@@ -134,6 +134,8 @@ def resume_checkpoint(
 
 def _run_engine(name: str, start) -> dict:
     """Call `start(trainer_module)`; the engine's errors become messages for the model."""
+    import torch
+
     from booth.dreambooth import trainer
     from booth.dreambooth.loading import ModelLoadError
 
@@ -141,7 +143,18 @@ def _run_engine(name: str, start) -> dict:
         result = start(trainer)
     except (ModelLoadError, trainer.ConfigError, trainer.TrainingError, FileNotFoundError) as e:
         raise ToolError(str(e)) from None
+    except torch.OutOfMemoryError:
+        raise ToolError(_OUT_OF_MEMORY.format(name=name)) from None
     return _result(name, result)
+
+
+# The field's memory ladder (diffusers' DreamBooth docs), cheapest loss of quality first.
+_OUT_OF_MEMORY = (
+    "the GPU ran out of memory. Checkpoints already saved are kept (resume_checkpoint "
+    "run={name!r} continues from the last one with the same settings). To fit, start a new run "
+    "with, in this order: mixed_precision='fp16' (or 'bf16'), gradient_checkpointing=true, "
+    "use_8bit_adam=true, train_text_encoder=false, or use_lora=true (fits in ~8 GB)"
+)
 
 
 def _check_base_model(base_model: str) -> None:
