@@ -133,7 +133,7 @@ def call_tool(
     context = tool_context()
     try:
         spec = get_tool(name)
-        parsed = parse_words(arguments or [])
+        parsed = parse_words(arguments or [], spec.parameters)
         result = _run_interruptibly(spec, context, parsed)
     except ToolError as error:
         # 2: the call was invalid and nothing ran; 1: the tool ran and failed.

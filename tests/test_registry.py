@@ -114,3 +114,15 @@ def test_registered_tools_have_strict_valid_schemas():
         assert params["additionalProperties"] is False
         for name, prop in params["properties"].items():
             assert prop.get("description"), f"{spec.name}.{name} has no description"
+
+
+def test_typed_words_follow_the_schema_types():
+    from booth.tools.registry import parse_words
+
+    parameters = demo_tool.parameters | {
+        "properties": {**demo_tool.parameters["properties"], "run": {"type": "string"}}}
+    words = ["steps=40", "run=400", 'prompts=["a dog"]', "precision=fp16"]
+    assert parse_words(words, parameters) == {
+        "steps": 40, "run": "400", "prompts": ["a dog"], "precision": "fp16"}
+    # Without a schema, numbers are numbers.
+    assert parse_words(["run=400"]) == {"run": 400}

@@ -143,12 +143,12 @@ class AskUser:
             if not text:
                 return None
             try:
-                return tool.validate({**arguments, **parse_edit(text)})
+                return tool.validate({**arguments, **parse_edit(text, tool.parameters)})
             except ToolArgumentError as error:
                 self.ui.error(f"{error} — try again")
 
 
-def parse_edit(text: str) -> dict[str, Any]:
+def parse_edit(text: str, parameters: dict | None = None) -> dict[str, Any]:
     """The user's edit: a JSON object, or key=value words (values read as JSON when they can be).
 
     `steps=400 prompt="a photo of sks dog"` -> {"steps": 400, "prompt": "a photo of sks dog"}
@@ -159,6 +159,6 @@ def parse_edit(text: str) -> dict[str, Any]:
     if text.lstrip().startswith("{"):
         return parse_words([text])
     try:
-        return parse_words(shlex.split(text))
+        return parse_words(shlex.split(text), parameters)
     except ValueError as error:  # shlex: an unclosed quote
         raise ToolArgumentError(f"cannot read the changes: {error}") from None

@@ -190,10 +190,12 @@ def tool(function: Callable[..., dict]) -> Tool:
     return Tool(function.__name__, description, function, parameters, defaults)
 
 
-def parse_words(words: list[str]) -> dict[str, Any]:
+def parse_words(words: list[str], parameters: dict | None = None) -> dict[str, Any]:
     """Arguments a person typed: one JSON object, or key=value words whose values are read as
     JSON when they parse (`steps=400`, `prompts='["a dog"]'`) and as text otherwise
-    (`class_noun=dog`)."""
+    (`class_noun=dog`). A parameter the schema (`parameters`) declares a string is always
+    taken as typed: `checkpoint=400` means the text "400"."""
+    properties = (parameters or {}).get("properties", {})
     if len(words) == 1 and words[0].lstrip().startswith("{"):
         parsed = parse_arguments(words[0])
         if not isinstance(parsed, dict):
@@ -206,6 +208,9 @@ def parse_words(words: list[str]) -> dict[str, Any]:
             raise ToolArgumentError(
                 f"cannot read {word!r}: give one JSON object or key=value pairs"
             )
+        if properties.get(key, {}).get("type") == "string":
+            merged[key] = value
+            continue
         try:
             merged[key] = json.loads(value)
         except json.JSONDecodeError:
