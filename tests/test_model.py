@@ -280,6 +280,21 @@ def test_provider_presets_and_guesses():
 def test_a_mistral_key_is_never_handed_to_another_server():
     settings = resolve_settings(env={"MISTRAL_API_KEY": SECRET}, provider="vllm")
     assert settings.api_key == "EMPTY"
+    # Not even when the provider says mistral but the URL points elsewhere.
+    with pytest.raises(EndpointError, match="only sent to api.mistral.ai"):
+        resolve_settings(env={"MISTRAL_API_KEY": SECRET, "BOOTH_PROVIDER": "mistral"},
+                         base_url="http://other.example/v1")
+
+
+def test_a_password_in_the_url_never_reaches_a_message():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    model = OpenAIChatModel(resolve_settings(env={}, base_url=f"http://bob:s3cretpw@127.0.0.1:{port}/v1"))
+    with pytest.raises(EndpointError) as caught:
+        model.complete(START, TOOLS)
+    assert "s3cretpw" not in str(caught.value)
+    assert f"http://127.0.0.1:{port}/v1" in str(caught.value)
 
 
 def test_settings_mistakes_are_clear():

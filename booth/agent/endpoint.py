@@ -10,7 +10,7 @@ from typing import Any
 
 from booth.agent import wire
 from booth.agent.model import AssistantTurn, EndpointError, ToolCall
-from booth.agent.settings import LOCAL_KEY, PRESETS, EndpointSettings
+from booth.agent.settings import LOCAL_KEY, PRESETS, EndpointSettings, safe_url
 
 
 class _Retry(Exception):
@@ -94,7 +94,7 @@ class OpenAIChatModel:
     def _send(self, request: dict, emit: Callable[[str], None]) -> AssistantTurn:
         create = self.client().chat.completions.create
         if not self.settings.stream:
-            return _from_message(create(**request), self.settings.base_url)
+            return _from_message(create(**request), safe_url(self.settings.base_url))
         # Closing the response (also on Ctrl-C) tells vLLM to stop generating.
         with create(**request, stream=True) as stream:
             return _from_stream(stream, emit)
@@ -166,7 +166,7 @@ def _classify(err: Exception, settings: EndpointSettings) -> Exception | None:
     import openai
 
     timeouts, transport, _ = _http_errors()
-    url, model = settings.base_url, settings.model
+    url, model = safe_url(settings.base_url), settings.model
     if isinstance(err, (openai.APITimeoutError, *timeouts)):
         return _Retry(
             f"{url} did not answer within {settings.timeout:g} s (the model may still be "

@@ -98,7 +98,7 @@ class EndpointSettings:
 
     def describe(self) -> str:
         """One line for the transcript header and the banner. Never contains the key."""
-        parts = [f"{self.model} at {_safe_url(self.base_url)} ({self.provider})"]
+        parts = [f"{self.model} at {safe_url(self.base_url)} ({self.provider})"]
         parts.append("key set" if self.api_key and self.api_key != LOCAL_KEY else "no key")
         sampling = {k: v for k, v in self.sampling().items() if k != "extra_body"}
         if self.repetition_penalty is not None:
@@ -113,7 +113,10 @@ class EndpointSettings:
         return ", ".join(parts)
 
 
-def _safe_url(url: str) -> str:
+MISTRAL_HOST = "api.mistral.ai"
+
+
+def safe_url(url: str) -> str:
     """The URL without any user:password@ part, for display."""
     parts = urlsplit(url)
     if "@" not in parts.netloc:
@@ -123,7 +126,7 @@ def _safe_url(url: str) -> str:
 
 def _guess_provider(base_url: str) -> str:
     parts = urlsplit(base_url)
-    if parts.hostname == "api.mistral.ai":
+    if parts.hostname == MISTRAL_HOST:
         return "mistral"
     return {11434: "ollama", 8080: "llamacpp"}.get(parts.port or 0, "vllm")
 
@@ -152,13 +155,14 @@ def resolve_settings(env: Mapping[str, str] | None = None, **cli_options: Any) -
         raise EndpointError(f"Unknown provider {provider!r}: choose one of {', '.join(PRESETS)}.")
     preset = PRESETS[provider]
     key = given.get("api_key") or env.get("BOOTH_API_KEY")
-    if not key and provider == "mistral":
-        key = env.get("MISTRAL_API_KEY")
+    if not key and urlsplit(base_url or preset.base_url).hostname == MISTRAL_HOST:
+        key = env.get("MISTRAL_API_KEY")  # a Mistral key goes to Mistral's API, nowhere else
     if not key and preset.needs_key:
-        raise EndpointError(
-            f"{provider} needs an API key: set MISTRAL_API_KEY (or BOOTH_API_KEY), "
-            "or pass --api-key."
-        )
+        where = ("set MISTRAL_API_KEY (or BOOTH_API_KEY), or pass --api-key"
+                 if urlsplit(base_url or preset.base_url).hostname == MISTRAL_HOST else
+                 f"set BOOTH_API_KEY or pass --api-key (MISTRAL_API_KEY is only sent to "
+                 f"{MISTRAL_HOST})")
+        raise EndpointError(f"{provider} needs an API key: {where}.")
     settings = EndpointSettings(
         base_url=(base_url or preset.base_url).rstrip("/"),
         model=given.get("model") or env.get("BOOTH_MODEL") or preset.model,
