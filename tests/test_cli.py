@@ -92,3 +92,13 @@ def test_tiny_model_refuses_a_non_empty_folder(tmp_path):
     assert result.exit_code == 2
     assert "not empty" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_a_workspace_folder_may_be_a_link_to_another_disk(tmp_path):
+    from booth.tools.workspace import Workspace
+
+    (tmp_path / "big-disk" / "runs").mkdir(parents=True)
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "runs").symlink_to(tmp_path / "big-disk" / "runs")
+    run = Workspace.from_option(str(tmp_path / "ws")).run_dir("rex")
+    assert run == (tmp_path / "ws" / "runs" / "rex")

@@ -162,6 +162,10 @@ def test_an_edit_is_revalidated_run_and_recorded(ctx, photos, tmp_path):
     (approval,) = events_of(tmp_path / "t.jsonl", "approval")
     assert approval["decision"] == "edited" and approval["edited"]
     assert approval["arguments"]["resolution"] == 64 and approval["arguments"]["name"] == "rexy"
+    # The history keeps the model's own arguments, so the model is told what really ran.
+    answer = tool_messages(llm.requests[1])[-1]
+    assert answer.startswith("The user edited the arguments before running; it ran with {")
+    assert '"name": "rexy"' in answer
     (result,) = events_of(tmp_path / "t.jsonl", "tool_result")
     assert result["arguments"]["name"] == "rexy" and result["result"]["resolution"] == 64
     assert (Path(ctx.workspace.root) / "datasets" / "rexy" / "manifest.json").is_file()
@@ -316,11 +320,15 @@ def test_the_system_prompt_survives_a_broken_workspace(ctx):
     (root / "priors" / "dogs").mkdir(parents=True)
     (root / "runs" / "r1" / "checkpoints" / "checkpoint-400").mkdir(parents=True)
     (root / "runs" / "r1" / "run.yaml").write_text("max_train_steps: [unclosed")
-    (root / "runs" / "r1" / "metrics.jsonl").write_text('{"step": 400, "loss": 0.25}\n{"st')
+    (root / "runs" / "r1" / "metrics.jsonl").write_bytes(
+        b'{"step": 400, "loss": 0.25}\n{"st\xe2\x82')  # a crash mid-way through a character
+    (root / "runs" / "r2").mkdir()
+    (root / "runs" / "r2" / "run.yaml").write_bytes(b"class_prompt: caf\xe9")  # not UTF-8
     prompt = build_system_prompt(ctx, today=date(2026, 5, 4), device="CPU only")
     assert "- rex: manifest.json missing or unreadable" in prompt
     assert "- dogs: priors.json missing or unreadable" in prompt
     assert "run.yaml missing or unreadable; checkpoints at steps 400" in prompt
+    assert "- r2: run.yaml missing or unreadable" in prompt
     assert "last loss 0.25 at step 400" in prompt and "no final weights yet" in prompt
     assert "Today is 2026-05-04" in prompt and f"base model: {ctx.base_model}" in prompt
     assert "{" + "state}" not in prompt  # every placeholder filled
@@ -359,3 +367,15 @@ def test_ctrl_c_outside_a_tool_ends_the_turn_and_keeps_the_history_valid(ctx, tm
         assert session.send("never mind")
     assert tool_messages(llm.requests[1]) == ["Error: not run: the user interrupted."] * 2
     assert_every_request_obeys_mistral(llm)
+
+
+def test_the_model_reads_the_workspace_as_it_is_now(ctx, photos, workspace):
+    """Without a fixed prompt, each request's system prompt lists what the tools just made."""
+    ui = ChatUI(Console(file=io.StringIO()))
+    with FakeLLM([call("prepare_dataset", dataset_args(photos)), reply("Ready.")]) as llm:
+        settings = EndpointSettings(base_url=llm.base_url, model=llm.model)
+        session = Session(OpenAIChatModel(settings), ctx, AutoApprove(ui=ui), ui=ui)
+        assert session.send("prepare my photos")
+    before, after = (body["messages"][0]["content"] for body in llm.requests)
+    assert "- rex:" not in before
+    assert "- rex: 3 images kept" in after

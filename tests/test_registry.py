@@ -126,3 +126,19 @@ def test_typed_words_follow_the_schema_types():
         "steps": 40, "run": "400", "prompts": ["a dog"], "precision": "fp16"}
     # Without a schema, numbers are numbers.
     assert parse_words(["run=400"]) == {"run": 400}
+
+
+@pytest.mark.parametrize("text", ['{"prompts": ["a"], "steps": NaN}',
+                                  '{"prompts": ["a"], "steps": Infinity}'])
+def test_nan_and_infinity_never_slip_past_the_bounds(text):
+    with pytest.raises(ToolArgumentError, match="not a number booth accepts"):
+        parse_arguments(text)
+    from booth.tools.registry import parse_words
+
+    with pytest.raises(ToolArgumentError, match="NaN is not a number"):
+        parse_words(["prompts=[\"a\"]", "steps=NaN"], demo_tool.parameters)
+
+
+def test_a_trailing_newline_does_not_pass_a_pattern():
+    with pytest.raises(ToolArgumentError, match="does not match"):
+        demo_tool.validate({"prompts": ["a"], "run": "abc\n"})

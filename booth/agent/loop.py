@@ -60,11 +60,15 @@ class Session:
                  messages: list[dict] | None = None, tools: dict | None = None,
                  context_window: int | None = None, reserve_tokens: int = 4096,
                  max_model_turns: int = MAX_MODEL_TURNS,
-                 on_result: Callable[[dict], None] | None = None):
+                 on_result: Callable[[dict], None] | None = None,
+                 live_workspace: bool | None = None):
         from booth.agent.prompt import build_system_prompt
 
         self.model, self.ctx, self.policy = model, ctx, policy
         self.system_prompt = system_prompt or build_system_prompt(ctx)
+        # Rebuild the prompt's workspace facts before each request, so that after a tool made
+        # a dataset or a checkpoint the model reads it there; a given prompt stays as given.
+        self.live_workspace = system_prompt is None if live_workspace is None else live_workspace
         self.transcript, self.ui = transcript, ui or ChatUI()
         self.messages: list[dict] = list(messages or [])
         self.tools = TOOLS if tools is None else tools
@@ -116,6 +120,10 @@ class Session:
         return False
 
     def _query(self) -> tuple[AssistantTurn, dict]:
+        if self.live_workspace:
+            from booth.agent.prompt import build_system_prompt
+
+            self.system_prompt = build_system_prompt(self.ctx)
         messages = [{"role": "system", "content": self.system_prompt}, *self.messages]
         if self.context_window:
             reserve = self.reserve_tokens + estimate_tokens(self.tool_specs)
@@ -175,14 +183,14 @@ class Session:
                       **fields)
             return
         self._record("approval", **fields)
-        self._run_tool(tool, call_id, decision.arguments)
+        self._run_tool(tool, call_id, decision.arguments, edited=decision.edited)
 
     def _lookup(self, name: str):
         if name not in self.tools:
             raise ToolArgumentError(f"unknown tool {name!r}; available: {', '.join(self.tools)}")
         return self.tools[name]
 
-    def _run_tool(self, tool, call_id: str, arguments: dict) -> None:
+    def _run_tool(self, tool, call_id: str, arguments: dict, edited: bool = False) -> None:
         outcome: dict[str, Any] = {"ok": True}
         start = time.monotonic()
         try:
@@ -201,9 +209,10 @@ class Session:
             outcome = {"ok": False, "error": f"{type(error).__name__}: {error}",
                        "traceback": traceback.format_exc()}
         outcome["seconds"] = round(time.monotonic() - start, 3)
-        self._report(tool, call_id, arguments, outcome)
+        self._report(tool, call_id, arguments, outcome, edited)
 
-    def _report(self, tool, call_id: str, arguments: dict, outcome: dict) -> None:
+    def _report(self, tool, call_id: str, arguments: dict, outcome: dict,
+                edited: bool = False) -> None:
         if outcome["ok"]:
             self.ui.tool_result(tool.name, outcome["result"], outcome["seconds"])
             text = json.dumps(outcome["result"], ensure_ascii=False, default=str)
@@ -215,6 +224,9 @@ class Session:
             text = ("The user pressed Ctrl-C while the tool ran, asking it to stop at a safe "
                     "point; its result: " + text)
             self._record("interrupted", call_id=call_id, text="Ctrl-C: tool asked to stop")
+        if edited:  # the history holds the model's arguments: say what really ran
+            changed = json.dumps(arguments, ensure_ascii=False, default=str)
+            text = f"The user edited the arguments before running; it ran with {changed}. " + text
         event = self._answer(call_id, text, "tool_result", tool=tool.name, arguments=arguments,
                              **outcome)
         if self.on_result:
@@ -270,5 +282,6 @@ class Session:
         because the workspace has changed since.
         """
         writer, messages = open_for_resume(path, header, new_path, secrets)
+        options.setdefault("live_workspace", True)
         return cls(model, ctx, policy, system_prompt=header.get("system_prompt"),
                    transcript=writer, messages=messages, **options)

@@ -7,6 +7,7 @@ as "unreadable" and never stops a chat from starting.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import date
@@ -36,8 +37,9 @@ def build_system_prompt(ctx, today: date | None = None, device: str | None = Non
     return text
 
 
+@functools.cache
 def device_line() -> str:
-    """'cuda: <name>, <memory> GB' or 'CPU only'. Imports torch, so once per session."""
+    """'cuda: <name>, <memory> GB' or 'CPU only'. Imports torch: asked once per process."""
     try:
         import torch
     except ImportError:
@@ -131,7 +133,7 @@ def _run_config(path: Path) -> str:
 
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return "run.yaml missing or unreadable"
     if not isinstance(config, dict):
         return "run.yaml unreadable"
@@ -152,7 +154,7 @@ def _checkpoint_steps(folder: Path) -> list[int]:
 def _last_metric(path: Path) -> str | None:
     """'last loss 0.123 at step 40' from the last readable line of metrics.jsonl."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return None
     for line in reversed(lines):

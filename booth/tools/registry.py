@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -111,6 +112,20 @@ def _param_schema(annotation: Any) -> tuple[dict[str, Any], str]:
     return schema, param.description
 
 
+def _pattern(validator, pattern: str, instance: Any, schema: dict):
+    """JSON Schema's `pattern`, where `$` means the end of the text: Python's `$` also
+    matches before a final newline, which would let "rex\n" pass as a name."""
+    if not validator.is_type(instance, "string"):
+        return
+    if re.search(pattern, instance) is None or (pattern.endswith("$") and instance.endswith("\n")):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"pattern": _pattern}
+)
+
+
 @dataclass
 class Tool:
     name: str
@@ -139,7 +154,7 @@ class Tool:
             raise ToolArgumentError(
                 f"arguments of {self.name} must be a JSON object, got {type(arguments).__name__}"
             )
-        validator = jsonschema.Draft202012Validator(self.parameters)
+        validator = _Validator(self.parameters)
         errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
         if errors:
             raise ToolArgumentError(
@@ -212,10 +227,20 @@ def parse_words(words: list[str], parameters: dict | None = None) -> dict[str, A
             merged[key] = value
             continue
         try:
-            merged[key] = json.loads(value)
+            merged[key] = _loads(value)
         except json.JSONDecodeError:
             merged[key] = value
     return merged
+
+
+def _no_constant(name: str):
+    # json accepts NaN and Infinity, and every bound check against NaN is false: a NaN
+    # learning rate would pass `maximum` and train.
+    raise ToolArgumentError(f"{name} is not a number booth accepts")
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_no_constant)
 
 
 def parse_arguments(raw: str | dict | None) -> Any:
@@ -225,7 +250,7 @@ def parse_arguments(raw: str | dict | None) -> Any:
     if isinstance(raw, dict):
         return raw
     try:
-        return json.loads(raw)
+        return _loads(raw)
     except json.JSONDecodeError as error:
         raise ToolArgumentError(
             f"arguments are not valid JSON ({error.msg} at line {error.lineno} "

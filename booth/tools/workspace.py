@@ -18,12 +18,12 @@ from booth.tools.registry import ToolError
 
 DEFAULT_WORKSPACE = "booth-workspace"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_NAME_RE = re.compile(NAME_PATTERN)
+_NAME_RE = re.compile(NAME_PATTERN[1:-1])  # fullmatch: `$` would let a trailing newline in
 
 
 def check_name(name: str, what: str = "name") -> str:
     """A dataset or run name the model or user chose; never a path."""
-    if not _NAME_RE.match(name) or ".." in name:
+    if not _NAME_RE.fullmatch(name) or ".." in name:
         raise ToolError(
             f"{what} {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no slashes, no '..')"
@@ -41,11 +41,9 @@ class Workspace:
         return cls(Path(chosen).expanduser().resolve())
 
     def _child(self, kind: str, name: str, what: str) -> Path:
-        path = (self.root / kind / check_name(name, what)).resolve()
-        # check_name already forbids separators; this is the belt to its braces.
-        if self.root / kind not in path.parents:
-            raise ToolError(f"{what} {name!r} would leave the workspace")
-        return path
+        # check_name forbids separators and '..', so the name cannot leave `kind`; the folder
+        # itself may be a link elsewhere (runs/ on a bigger disk), which is the user's choice.
+        return self.root / kind / check_name(name, what)
 
     def dataset_dir(self, name: str) -> Path:
         return self._child("datasets", name, "dataset name")
