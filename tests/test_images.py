@@ -312,3 +312,17 @@ def test_workspace_inside_the_source_folder_is_not_scanned(tmp_path):
     assert first["kept"] == second["kept"] == 1
     assert any("not scanned" in w for w in second["warnings"])
     shutil.rmtree(folder / "booth-workspace")
+
+
+def test_the_workspace_itself_is_never_taken_for_subject_photos(tmp_path):
+    workspace = tmp_path / "ws"
+    ctx = ToolContext.from_options(workspace=str(workspace), base_model="unused",
+                                   console=Console(file=io.StringIO()))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(1).save(photos / "a.png")
+    _prepare(ctx, photos, name="one")
+    for inside in (workspace, workspace / "datasets"):
+        with pytest.raises(ToolError, match="booth's workspace"):
+            _prepare(ctx, inside, name="two")
+    assert not (workspace / "datasets" / "two").exists()

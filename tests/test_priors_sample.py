@@ -256,3 +256,13 @@ def test_a_moved_model_keeps_its_class_images_and_another_model_does_not(tmp_pat
     assert model_id(str(other)) != model_id(tiny_model)
     assert model_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
         "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def test_a_folder_that_is_no_model_is_refused_before_anything_reads_it(ctx, tmp_path):
+    import time
+
+    tool = get_tool("generate_priors")
+    started = time.monotonic()
+    with pytest.raises(ToolError, match="not a diffusers pipeline folder"):
+        tool.run(ctx, {"class_prompt": "a photo of a dog", "base_model": "/usr"})
+    assert time.monotonic() - started < 5

@@ -88,10 +88,14 @@ def model_id(base_model: str) -> str:
     """A hub id as given; a local folder by a fingerprint of its contents, so that moving it
     keeps its class images and rebuilding another model at the same path does not."""
     path = Path(base_model).expanduser()
-    if not path.is_dir():
-        return base_model
+    if not (path / "model_index.json").is_file():
+        return base_model  # a hub id, or no model at all (loading will say so)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    # The pipeline's own files only (its component folders, one level down), never a walk of
+    # whatever else the folder holds.
+    files = [path / "model_index.json", *path.glob("*/*.json"), *path.glob("*/*.txt"),
+             *path.glob("*/*.safetensors"), *path.glob("*/*.bin")]
+    for file in sorted(p for p in files if p.is_file()):
         digest.update(str(file.relative_to(path)).encode())
         digest.update(str(file.stat().st_size).encode())
         with open(file, "rb") as handle:  # the head of each file: configs whole, weights'

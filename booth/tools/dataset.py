@@ -52,6 +52,7 @@ def prepare_dataset(
     from booth.dreambooth.images import prepare_images
 
     source = _source_folder(images_dir)
+    _refuse_workspace(source, ctx.workspace.root)
     class_noun = _clean_noun(class_noun)
     name = check_name(name or default_name(source), "dataset name")
     target = ctx.workspace.dataset_dir(name)
@@ -82,6 +83,14 @@ def _source_folder(images_dir: str) -> Path:
         raise ToolError(f"images_dir {images_dir!r} is a file, not a folder: give the folder "
                         "that holds the photos")
     return source.resolve()
+
+
+def _refuse_workspace(source: Path, root: Path) -> None:
+    """booth's own folders hold generated images, never the user's subject."""
+    root = root.resolve()
+    if source == root or root in source.parents:
+        raise ToolError(f"images_dir {str(source)!r} is booth's workspace (or inside it): give "
+                        "the folder of the subject's own photos")
 
 
 def _clean_noun(class_noun: str) -> str:

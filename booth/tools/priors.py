@@ -74,8 +74,13 @@ def find_prior_set(ctx: ToolContext, class_prompt: str, base_model: str | None =
 
 def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
     from booth.dreambooth import priors
+    from booth.dreambooth.loading import ModelLoadError, resolve_base_model
 
     base = base_model or ctx.base_model
+    try:
+        resolve_base_model(base)  # before anything reads the folder
+    except ModelLoadError as error:
+        raise ToolError(str(error)) from None
     resolution = resolution or priors.natural_resolution(base)
     if not prompt.strip():
         raise ToolError("class_prompt is empty: give e.g. 'a photo of a dog'")
