@@ -192,3 +192,45 @@ def _wait(process: subprocess.Popen) -> str:
         process.kill()
         pytest.fail("booth chat waited for input on a non-terminal stdin")
     return process.stdout.read()
+
+
+def test_retry_withdraws_the_answer_and_resume_does_not_bring_it_back(tty, workspace, tmp_path):
+    path = tmp_path / "t.jsonl"
+    with FakeLLM([reply("A dull answer."), reply("A better answer.")]) as llm:
+        result = chat(workspace, llm.base_url, "name my dog", "--transcript", str(path),
+                      input="/retry\n/exit\n")
+        retried = llm.requests[1]["messages"]
+    assert result.exit_code == 0, result.output
+    assert "did not send the request" not in said(result)
+    assert "A better answer." in said(result)
+    assert [m["role"] for m in retried] == ["system", "user"]  # asked anew, without the old
+    kinds = [e["type"] for e in transcript_events(path)]
+    assert kinds == ["user", "assistant", "retracted", "assistant"]
+    with FakeLLM([reply("Rex.")]) as llm:
+        result = chat(workspace, llm.base_url, "and now?", "--resume", str(path))
+        sent = llm.requests[0]["messages"]
+    assert result.exit_code == 0, result.output
+    assert [(m["role"], m["content"]) for m in sent[1:]] == [
+        ("user", "name my dog"), ("assistant", "A better answer."), ("user", "and now?")]
+
+
+def test_retry_with_nothing_to_retry_says_so(tty, workspace, tmp_path):
+    with FakeLLM([]) as llm:
+        result = chat(workspace, llm.base_url, "--transcript", str(tmp_path / "t.jsonl"),
+                      input="/retry\n/exit\n")
+        assert llm.requests == []
+    assert result.exit_code == 0, result.output
+    assert "nothing to retry yet" in said(result)
+
+
+def test_the_word_empty_is_not_masked_without_a_key(workspace, tmp_path):
+    """Local servers get the placeholder key "EMPTY"; it is no secret to mask."""
+    path = tmp_path / "t.jsonl"
+    with FakeLLM([reply("It is EMPTY: no photos yet.")]) as llm:
+        result = chat(workspace, llm.base_url, "is my dataset EMPTY?", "--transcript", str(path),
+                      env={"BOOTH_API_KEY": "", "MISTRAL_API_KEY": ""})
+    assert result.exit_code == 0, result.output
+    _, events = read_transcript(path)
+    assert events[0]["message"]["content"] == "is my dataset EMPTY?"
+    assert events[1]["content"] == "It is EMPTY: no photos yet."
+    assert "***" not in path.read_text()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from booth.agent.approval import AutoApprove, Decision
 from booth.agent.loop import Session
-from booth.agent.model import AssistantTurn, ScriptedModel, ToolCall
+from booth.agent.model import AssistantTurn, EndpointError, ScriptedModel, ToolCall
 from booth.agent.replay import session_places
 from booth.agent.transcript import TranscriptWriter, make_header, read_transcript
 from booth.cli import app
@@ -117,11 +117,61 @@ def test_execute_reports_a_result_that_differs(recorded, tmp_path):
     assert "1 of 2 tool results match" in text
 
 
-def test_execute_without_a_terminal_or_yes_runs_nothing(recorded, tmp_path):
+def test_execute_without_a_terminal_or_yes_runs_nothing_and_fails(recorded, tmp_path):
     path, model = recorded
     result = replay(path, "--execute", workspace=str(tmp_path / "ws"), base_model=model)
-    assert "no terminal to ask for approval" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert "no terminal to ask for approval" in text
     assert not (tmp_path / "ws" / "datasets").exists()
+    # The two calls that ran in the recording did not run now: that is no pass. The sample
+    # call, refused in the recording and again now, has no recorded result and is not counted.
+    assert result.exit_code == 1, result.output
+    assert "0 of 2 tool results match the recording; 2 not run" in text
+    missing = text.split("Recorded calls that did not run in the replay:")[1]
+    assert missing.count("not run: refused") == 2
+    assert "prepare_dataset (" in missing and "generate_priors (" in missing
+    assert "sample (" not in missing
+
+
+def test_a_user_turn_that_ended_early_replays_under_its_own_message(tmp_path, tiny_model,
+                                                                    monkeypatch):
+    """user 1 -> endpoint error (no answer), user 2 -> a tool call: the call replays under
+    user 2, and user 1 ends where the recording ended."""
+    from booth.demo import draw_subject_photos
+
+    monkeypatch.chdir(tmp_path)
+    draw_subject_photos(tmp_path / "photos", count=3, size=64)
+    ctx = ToolContext.from_options(workspace=str(tmp_path / "ws-rec"), base_model=tiny_model)
+    script = [
+        EndpointError("HTTP 400 from the endpoint: the request was rejected."),
+        turn("Preparing.", ("Prepare001", "prepare_dataset",
+                            {"images_dir": "photos", "class_noun": "dog", "resolution": 64})),
+        turn("Your dataset is ready."),
+    ]
+    header = make_header(model="scripted", endpoint="none", sampling={},
+                         tools=[t.openai_spec() for t in TOOLS.values()], system_prompt="sys",
+                         **session_places(ctx))
+    path = tmp_path / "session.jsonl"
+    writer = TranscriptWriter.create(path, header)
+    session = Session(ScriptedModel(script), ctx, AutoApprove(), system_prompt="sys",
+                      transcript=writer)
+    assert session.send("hello?") is False
+    assert session.send("prepare my photos") is True
+    writer.close()
+
+    workspace = tmp_path / "ws-replay"
+    result = replay(path, "--execute", "--yes", workspace=str(workspace), base_model=tiny_model)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 tool results match the recording." in text
+    assert "no more recorded assistant turns" not in text
+    first, second = text.split("you> prepare my photos")
+    assert "The recorded session ended this turn here (endpoint error: HTTP 400" in first
+    assert "Preparing." not in first and "Your dataset is ready." in second
+    (replayed,) = (workspace / "transcripts").glob("*.jsonl")
+    kinds = [e["type"] for e in read_transcript(replayed)[1]]
+    assert kinds == ["user", "endpoint_error", "user", "assistant", "approval", "tool_result",
+                     "assistant"]
 
 
 def test_a_malformed_transcript_is_named_with_its_line(tmp_path, workspace):
@@ -133,6 +183,80 @@ def test_a_malformed_transcript_is_named_with_its_line(tmp_path, workspace):
     assert "bad.jsonl:2" in " ".join(result.stderr.split())
     missing = runner.invoke(app, ["replay", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2 and "nope.jsonl" in missing.stderr
+
+
+def _small_session() -> list[dict]:
+    """A valid hand-written session: a call approved, run and answered."""
+    sent = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "Sample001", "type": "function",
+         "function": {"name": "sample", "arguments": '{"prompts": ["a dog"]}'}}]}
+    tool_message = {"role": "tool", "tool_call_id": "Sample001", "content": "{}"}
+    return [
+        make_header(model="m", endpoint="e", sampling={}, tools=[], system_prompt="s"),
+        {"type": "user", "message": {"role": "user", "content": "a dog please"}},
+        {"type": "assistant", "content": "", "message": sent,
+         "tool_calls": [{"id": "Sample001", "name": "sample",
+                         "arguments": '{"prompts": ["a dog"]}'}]},
+        {"type": "approval", "call_id": "Sample001", "tool": "sample", "decision": "approved",
+         "arguments": {"prompts": ["a dog"]}},
+        {"type": "tool_result", "call_id": "Sample001", "tool": "sample", "ok": True,
+         "result": {}, "message": tool_message},
+        {"type": "assistant", "content": "Done.", "tool_calls": [],
+         "message": {"role": "assistant", "content": "Done."}},
+    ]
+
+
+def _drop(line: int, *keys: str):
+    def change(events):
+        target = events[line - 1]
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+    return change
+
+
+def _set(line: int, key: str, value):
+    def change(events):
+        events[line - 1][key] = value
+    return change
+
+
+BROKEN = {
+    "user without content": (_drop(2, "message", "content"),
+                             ":2: user event: 'message.content' is missing"),
+    "user with a role of assistant": (
+        _set(2, "message", {"role": "assistant", "content": "hi"}),
+        ":2: user event: 'message.role' must be 'user', not 'assistant'"),
+    "call without function": (_drop(3, "message", "tool_calls", 0, "function"),
+                              ":3: assistant event: 'message.tool_calls[0].function' is missing"),
+    "assistant without raw calls": (_drop(3, "tool_calls"),
+                                    ":3: assistant event: 'tool_calls' is missing"),
+    "approval with text arguments": (
+        _set(4, "arguments", "prompts=a dog"),
+        ":4: approval event: 'arguments' must be a JSON object, not \"prompts=a dog\""),
+    "result without call id": (_drop(5, "call_id"), ":5: tool_result event: 'call_id' is missing"),
+    "result without message": (_drop(5, "message"), ":5: tool_result event: 'message' is missing"),
+}
+
+
+@pytest.mark.parametrize("command", ["replay", "replay --execute", "chat --resume"])
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_a_transcript_missing_fields_is_named_with_its_line(tmp_path, workspace, broken,
+                                                           command):
+    change, expected = BROKEN[broken]
+    events = _small_session()
+    change(events)
+    path = tmp_path / "broken.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    args = {"replay": ["replay", str(path)],
+            "replay --execute": ["replay", str(path), "--execute", "--yes"],
+            "chat --resume": ["chat", "go on", "--resume", str(path),
+                              "--base-url", "http://127.0.0.1:9/v1"]}[command]
+    result = runner.invoke(app, ["--workspace", workspace, *args])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, said
+    assert f"broken.jsonl{expected}" in said
+    assert "Traceback" not in said and not isinstance(result.exception, KeyError)
 
 
 @pytest.mark.slow

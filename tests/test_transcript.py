@@ -17,6 +17,7 @@ from booth.agent.transcript import (
     default_path,
     make_header,
     read_transcript,
+    retracted,
 )
 
 
@@ -141,3 +142,53 @@ def test_default_path_is_dated_slugged_and_never_reused(tmp_path):
     first.write_text("x")
     assert default_path(tmp_path, "Teach the model my dog Rex!", now).name.endswith("-2.jsonl")
     assert default_path(tmp_path, "犬を月に", now).name == "20260504-030201-chat.jsonl"
+
+
+def test_a_retracted_message_leaves_the_conversation(tmp_path):
+    path = tmp_path / "t.jsonl"
+    writer = TranscriptWriter.create(path, header())
+    writer.write("user", message={"role": "user", "content": "hi"})
+    writer.write("assistant", content="Meh.", tool_calls=[],
+                 message={"role": "assistant", "content": "Meh."})
+    writer.write("retracted", text="the last answer was withdrawn for a retry")
+    writer.write("assistant", content="Hello!", tool_calls=[],
+                 message={"role": "assistant", "content": "Hello!"})
+    writer.close()
+    _, events = read_transcript(path)
+    assert retracted(events) == {1}
+    assert [m["content"] for m in conversation(events)] == ["hi", "Hello!"]
+    assert [t.content for t in assistant_turns(events)] == ["Hello!"]
+
+
+def _event_line(event: dict) -> list[str]:
+    return [json.dumps(header()), json.dumps(event)]
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ({"type": "user", "message": {"role": "user", "content": 5}},
+         r":2: user event: 'message.content' must be a string, not 5"),
+        ({"type": "assistant", "tool_calls": [], "message": {"role": "assistant",
+          "tool_calls": [{"id": "abcDEF123", "function": {"name": "x"}}]}},
+         r":2: assistant event: 'message.tool_calls\[0\].function.arguments' is missing"),
+        ({"type": "assistant", "tool_calls": [], "message": {"role": "assistant",
+          "tool_calls": [{"id": "abcDEF123", "function": {"name": "x", "arguments": "{}"}}]}},
+         r":2: assistant event: 'tool_calls' has 0 calls but 'message.tool_calls' has 1"),
+        ({"type": "validation_error", "call_id": "abcDEF123", "tool": "x",
+          "message": {"role": "tool", "tool_call_id": "zzzzzzzzz", "content": "Error"}},
+         r":2: validation_error event: 'message.tool_call_id' must equal 'call_id'"),
+        ({"type": "tool_result", "call_id": "abcDEF123", "tool": "x",
+          "message": {"role": "tool", "tool_call_id": "abcDEF123", "content": "{}"}},
+         r":2: tool_result event: 'ok' is missing"),
+        ({"type": "approval", "call_id": "abcDEF123", "decision": "approved", "arguments": {}},
+         r":2: approval event: 'tool' is missing"),
+        ({"type": "notice", "text": "x", "message": {"role": "user", "content": "x"}},
+         r":2: notice event: this event type carries no 'message'"),
+    ],
+)
+def test_events_missing_fields_name_the_line_and_the_field(tmp_path, event, expected):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(line + "\n" for line in _event_line(event)))
+    with pytest.raises(TranscriptError, match=expected):
+        read_transcript(path)

@@ -138,6 +138,7 @@ def _open_session(ctx, fail, settings, model, policy, ui, goal, transcript, resu
     from booth.agent.loop import Session
     from booth.agent.prompt import build_system_prompt
     from booth.agent.replay import session_places
+    from booth.agent.settings import LOCAL_KEY
     from booth.agent.transcript import (
         TranscriptError,
         TranscriptWriter,
@@ -153,7 +154,9 @@ def _open_session(ctx, fail, settings, model, policy, ui, goal, transcript, resu
                          system_prompt=system_prompt, **session_places(ctx))
     options = dict(ui=ui, context_window=settings.context_window,
                    reserve_tokens=settings.reply_reserve)
-    secrets = [settings.api_key]
+    # Only a real key: the placeholder sent to local servers ("EMPTY") is no secret, and
+    # masking it would hide that word wherever the conversation used it.
+    secrets = [settings.api_key] if settings.api_key != LOCAL_KEY else []
     try:
         if resume is not None:
             return Session.from_transcript(resume, model, ctx, policy, header=header,
@@ -188,9 +191,25 @@ def _converse(session, read) -> None:
         if text in _END_WORDS:
             return
         if text == "/retry":
-            session.run()
+            _retry(session)
         else:
             session.send(text)
+
+
+def _retry(session) -> None:
+    """Ask the model again for the last turn: a turn that ended early goes on from where it
+    stopped; a final answer is withdrawn first (a "retracted" event in the transcript, so
+    that --resume and replay leave it out) and asked for anew."""
+    messages = session.messages
+    last = messages[-1] if messages else None
+    if last is None or (last.get("role") == "assistant" and last.get("tool_calls")):
+        session.ui.info("nothing to retry yet: type a message")
+        return
+    if last.get("role") == "assistant":
+        messages.pop()
+        session.transcript.write("retracted", text="the last answer was withdrawn for a retry")
+        session.ui.info("(the last answer is withdrawn; asking the model again)")
+    session.run()
 
 
 def register_replay(app, tool_context, fail) -> None:

@@ -47,9 +47,12 @@ class ChatModel(Protocol):
 
 
 class ScriptedModel:
-    """Answers with the given turns in order, recording what it was sent (for tests)."""
+    """Answers with the given turns in order, recording what it was sent (for tests).
 
-    def __init__(self, turns: list[AssistantTurn]):
+    A turn may be an `EndpointError` instead: it is raised, as a failing endpoint would.
+    """
+
+    def __init__(self, turns: list[AssistantTurn | EndpointError]):
         self.turns = list(turns)
         self.requests: list[tuple[list[dict], list[dict]]] = []
 
@@ -60,19 +63,40 @@ class ScriptedModel:
                 f"The scripted model has no turn left (it was asked {len(self.requests)} times)."
             )
         turn = self.turns.pop(0)
+        if isinstance(turn, EndpointError):
+            raise turn
         if on_text and turn.content:
             on_text(turn.content)
         return turn
 
 
 class ReplayModel(ScriptedModel):
-    """Plays back the assistant turns recorded in a transcript, in order."""
+    """Plays back the assistant turns recorded in a transcript, in order.
+
+    A replay gives it one user message's turns at a time (`next_user_turn`), so that a user
+    turn the recording ended early (endpoint error, Ctrl-C, a limit) ends at the same place
+    instead of borrowing the next user message's turns.
+    """
+
+    def __init__(self, turns: list[AssistantTurn], ended: str | None = None):
+        super().__init__(turns)
+        self.ended = ended
+        self._recorded, self._asked = len(self.turns), 0
+
+    def next_user_turn(self, turns: list[AssistantTurn], ended: str | None = None) -> None:
+        """Play `turns` for the next user message; `ended` says why the recorded user turn
+        stopped before a final answer (None when it did not)."""
+        self.turns, self.ended = list(turns), ended
+        self._recorded, self._asked = len(self.turns), 0
 
     def complete(self, messages, tools, on_text=None) -> AssistantTurn:
-        if not self.turns:
-            raise EndpointError(
-                "The transcript has no more recorded assistant turns: the replay asked the "
-                f"model for turn {len(self.requests) + 1}, but the session recorded "
-                f"{len(self.requests)}. The conversation went differently from the recording."
-            )
-        return super().complete(messages, tools, on_text)
+        self._asked += 1
+        if self.turns:
+            return super().complete(messages, tools, on_text)
+        if self.ended:
+            raise EndpointError(f"The recorded session ended this turn here ({self.ended}).")
+        raise EndpointError(
+            "The transcript has no more recorded assistant turns: the replay asked the "
+            f"model for turn {self._asked}, but the session recorded {self._recorded}. "
+            "The conversation went differently from the recording."
+        )

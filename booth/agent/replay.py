@@ -4,7 +4,10 @@
 back the recorded assistant turns. Every call is validated and put to the approval policy
 again, so a transcript from elsewhere can run nothing unchecked; calls the user refused in
 the recording stay refused, edits are re-applied (and re-validated). Each new result is
-compared with the recorded one.
+compared with the recorded one; a call that ran in the recording but not in the replay
+(refused now, invalid now, never reached) counts as a mismatch, so nothing-ran never passes.
+Each user message is replayed with only the assistant turns recorded after it, so a user turn
+the recording ended early (endpoint error, Ctrl-C, a limit) ends early again.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from booth.agent.approval import Decision, show_call
 from booth.agent.model import AssistantTurn, ReplayModel, ToolCall
-from booth.agent.transcript import read_transcript
+from booth.agent.transcript import read_transcript, retracted
 from booth.agent.ui import ChatUI
 from booth.tools import ToolArgumentError
 
@@ -35,6 +38,7 @@ class Comparison:
     matches: bool
     differences: list[str] = field(default_factory=list)
     result: Any = None  # the new result, for whoever replays (the demo prints sample paths)
+    not_run: bool = False  # the call ran in the recording, but not in the replay
 
 
 @dataclass
@@ -45,20 +49,62 @@ class ReplayReport:
     def all_match(self) -> bool:
         return all(c.matches for c in self.comparisons)
 
+    @property
+    def not_run(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.not_run]
+
+
+@dataclass
+class UserTurn:
+    """A recorded user message and the assistant turns that answered it."""
+
+    text: str
+    turns: list[AssistantTurn]
+    ended: str | None = None  # why the recorded turn stopped before a final answer
+
 
 def recorded_turns(events: list[dict]) -> list[AssistantTurn]:
-    """The assistant turns with the ids that were sent (so results can be matched) and the
-    raw arguments the model wrote (so a malformed call fails validation again, as it did)."""
+    """The assistant turns among `events` with the ids that were sent (so results can be
+    matched) and the raw arguments the model wrote (so a malformed call fails validation
+    again, as it did)."""
     turns = []
     for event in (e for e in events if e["type"] == "assistant"):
-        sent = (event.get("message") or {}).get("tool_calls") or []
-        raw = event.get("tool_calls") or []
+        sent = event["message"].get("tool_calls") or []
         calls = [
-            ToolCall(s["id"], s["function"]["name"], r.get("arguments", ""))
-            for s, r in zip(sent, raw, strict=False)
+            ToolCall(s["id"], s["function"]["name"], r.get("arguments") or "")
+            for s, r in zip(sent, event["tool_calls"], strict=True)
         ]
         turns.append(AssistantTurn(event.get("content") or "", calls, event.get("finish_reason")))
     return turns
+
+
+def user_turns(events: list[dict]) -> list[UserTurn]:
+    """The recorded user messages, each with its own assistant turns (those withdrawn by
+    /retry left out) and, when it ended early, the reason."""
+    gone = retracted(events)
+    groups: list[tuple[str, list[dict]]] = []
+    for index, event in enumerate(events):
+        if event["type"] == "user" and index not in gone:
+            groups.append((event["message"]["content"], []))
+        elif groups and index not in gone and event["type"] != "retracted":
+            groups[-1][1].append(event)
+    return [UserTurn(text, recorded_turns(group), _ending(group)) for text, group in groups]
+
+
+def _ending(group: list[dict]) -> str | None:
+    """What ended a user turn after its last assistant turn (None: it ended normally)."""
+    last = max((i for i, e in enumerate(group) if e["type"] == "assistant"), default=-1)
+    for event in reversed(group[last + 1 :]):
+        if event["type"] == "endpoint_error":
+            return "endpoint error: " + _first_line(event.get("error") or "?")
+        if event["type"] in ("notice", "interrupted"):
+            return _first_line(event.get("text") or event["type"])
+    return None
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = text.strip().split("\n")[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class RecordedDecisions:
@@ -67,8 +113,15 @@ class RecordedDecisions:
 
     def __init__(self, policy, approvals: dict[str, dict], ui: ChatUI):
         self.policy, self.approvals, self.ui = policy, approvals, ui
+        self.refused: set[str] = set()  # call ids refused in this replay
 
     def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
+        decision = self._decide(tool, call_id, arguments, ctx)
+        if decision.action != "run":
+            self.refused.add(call_id)
+        return decision
+
+    def _decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
         recorded = self.approvals.get(call_id, {})
         if recorded.get("decision") == "refused":
             reason = "refused in the recorded session"
@@ -177,15 +230,34 @@ def execute(path: str | Path, ctx, policy, ui: ChatUI, transcript=None) -> Repla
         report.comparisons.append(comparison)
         show_comparison(ui, comparison)
 
+    model, decisions = ReplayModel([]), RecordedDecisions(policy, approvals, ui)
     session = Session(
-        ReplayModel(recorded_turns(events)), ctx, RecordedDecisions(policy, approvals, ui),
-        system_prompt=header.get("system_prompt") or "", transcript=transcript, ui=ui,
-        on_result=on_result,
+        model, ctx, decisions, system_prompt=header.get("system_prompt") or "",
+        transcript=transcript, ui=ui, on_result=on_result,
     )
-    for event in (e for e in events if e["type"] == "user"):
-        show_user(ui, event["message"]["content"])
-        session.send(event["message"]["content"])
+    for turn in user_turns(events):
+        show_user(ui, turn.text)
+        model.next_user_turn(turn.turns, turn.ended)
+        session.send(turn.text)
+    _add_not_run(report, events, decisions.refused)
     return report
+
+
+def _add_not_run(report: ReplayReport, events: list[dict], refused: set[str]) -> None:
+    """A mismatch for each call that ran in the recording but got no result in the replay.
+
+    Only calls the recording approved count: a refused call has no recorded result, and a
+    call answered without running (skipped, interrupted before it ran) ran neither time.
+    """
+    ran = {e["call_id"] for e in events if e["type"] == "approval" and e["decision"] != "refused"}
+    seen = {c.call_id for c in report.comparisons}
+    for event in events:
+        call_id = event.get("call_id")
+        if event["type"] != "tool_result" or call_id not in ran or call_id in seen:
+            continue
+        why = "not run: refused" if call_id in refused else "not run"
+        report.comparisons.append(Comparison(call_id, event["tool"], False, [why], not_run=True))
+        seen.add(call_id)
 
 
 def show_comparison(ui: ChatUI, comparison: Comparison) -> None:
@@ -241,6 +313,8 @@ def _show_event(ui: ChatUI, event: dict) -> None:
         ui.notice(event.get("text", kind))
     elif kind == "resumed":
         ui.info("(the session was resumed here)")
+    elif kind == "retracted":
+        ui.notice(event.get("text") or "the answer above was withdrawn (/retry)")
 
 
 def _show_recorded_call(ui: ChatUI, name: str, arguments: dict) -> None:
@@ -254,8 +328,16 @@ def _show_recorded_call(ui: ChatUI, name: str, arguments: dict) -> None:
 
 
 def summarise(ui: ChatUI, report: ReplayReport) -> None:
+    """The closing lines: calls that did not run, then how many results match."""
     total = len(report.comparisons)
     same = sum(c.matches for c in report.comparisons)
+    missing = report.not_run
+    if missing:
+        ui.console.print("\n[yellow]Recorded calls that did not run in the replay:[/]",
+                         highlight=False)
+        for comparison in missing:
+            ui.info(f"  {comparison.tool} ({comparison.call_id}): {comparison.differences[0]}")
     style = "green" if report.all_match else "yellow"
-    ui.console.print(f"\n[{style}]{same} of {total} tool results match the recording.[/]",
+    tail = f"; {len(missing)} not run" if missing else ""
+    ui.console.print(f"\n[{style}]{same} of {total} tool results match the recording{tail}.[/]",
                      highlight=False)

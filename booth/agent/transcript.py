@@ -7,11 +7,18 @@
     {"type": "approval", "call_id": ..., "decision": "approved|refused|edited|always", ...}
     {"type": "tool_result", "call_id": ..., "arguments": ..., "ok": ..., "result"|"error": ...}
     {"type": "endpoint_error" | "notice" | "interrupted" | "resumed", ...}
+    {"type": "retracted", "text": ...}
 
 One rule makes resuming trivial: every event that adds a message to the conversation carries
 that exact message in its "message" field, so the conversation is
 `[e["message"] for e in events if "message" in e]` (the system prompt lives in the header and
-is rebuilt fresh on resume, because the workspace has changed since).
+is rebuilt fresh on resume, because the workspace has changed since). The one exception is a
+"retracted" event (written by /retry): it withdraws the message carried by the latest event
+before it that is still in the conversation, so `conversation()` drops that message and
+replay skips that assistant turn. Lines are never rewritten; this keeps the file append-only.
+
+`read_transcript` checks each event's fields and message shape for its type, so a file edited
+by hand fails with its line named instead of deep inside resume or replay.
 
 Each line is flushed and fsynced before the loop goes on, so a crash leaves a valid file up to
 the last event. The API key is never given to the writer; as a second guard the writer masks
@@ -40,7 +47,32 @@ EVENT_TYPES = {
     "notice",
     "interrupted",
     "resumed",
+    "retracted",
 }
+
+# The role of the message an event type carries; other event types carry none.
+_ROLES = {"user": "user", "assistant": "assistant", "validation_error": "tool",
+          "approval": "tool", "tool_result": "tool"}
+# Per event type: field -> (allowed types, required). An optional field may also be null.
+_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "user": {"message": ((dict,), True)},
+    "assistant": {"message": ((dict,), True), "tool_calls": ((list,), True),
+                  "content": ((str,), False), "finish_reason": ((str,), False)},
+    "validation_error": {"call_id": ((str,), True), "tool": ((str,), True),
+                         "message": ((dict,), True), "error": ((str,), False)},
+    "approval": {"call_id": ((str,), True), "tool": ((str,), True),
+                 "decision": ((str,), True), "arguments": ((dict,), True),
+                 "reason": ((str,), False)},
+    "tool_result": {"call_id": ((str,), True), "tool": ((str,), True), "ok": ((bool,), True),
+                    "message": ((dict,), True), "arguments": ((dict,), False),
+                    "error": ((str,), False)},
+    "endpoint_error": {"error": ((str,), False)},
+    "notice": {"text": ((str,), False)},
+    "interrupted": {"text": ((str,), False)},
+    "retracted": {"text": ((str,), False)},
+    "resumed": {},
+}
+_KIND_NAMES = {str: "a string", dict: "a JSON object", list: "a list", bool: "true or false"}
 
 
 class TranscriptError(Exception):
@@ -175,9 +207,79 @@ def read_transcript(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     for number, event in events:
         if event["type"] not in EVENT_TYPES:
             raise TranscriptError(f"{path}:{number}: unknown event type {event['type']!r}")
-        if "message" in event and not isinstance(event["message"], dict):
-            raise TranscriptError(f"{path}:{number}: 'message' must be a JSON object")
+        try:
+            _check_event(event)
+        except _BadField as error:
+            raise TranscriptError(f"{path}:{number}: {event['type']} event: {error}") from None
     return header, [event for _, event in events]
+
+
+class _BadField(Exception):
+    """One field of an event is missing or of the wrong kind (the text names it)."""
+
+
+def _need(record: dict, key: str, kinds: tuple[type, ...], where: str = "",
+          required: bool = True) -> Any:
+    """record[key], checked: present when required, else absent or null; of one of `kinds`."""
+    name = f"'{where}{key}'"
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise _BadField(f"{name} is missing")
+        return None
+    if not isinstance(value, kinds):
+        wanted = " or ".join(_KIND_NAMES[k] for k in kinds)
+        raise _BadField(f"{name} must be {wanted}, not {_short_json(value)}")
+    return value
+
+
+def _short_json(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _check_event(event: dict) -> None:
+    """Raise _BadField unless `event` has the fields its type needs, message included."""
+    kind = event["type"]
+    for key, (kinds, required) in _FIELDS[kind].items():
+        _need(event, key, kinds, required=required)
+    if "message" in event and kind not in _ROLES:
+        raise _BadField("this event type carries no 'message'")
+    message = event.get("message")
+    if message is None:
+        return
+    role = _need(message, "role", (str,), "message.")
+    if role != _ROLES[kind]:
+        raise _BadField(f"'message.role' must be {_ROLES[kind]!r}, not {role!r}")
+    if role == "user":
+        _need(message, "content", (str,), "message.")
+    elif role == "assistant":
+        _check_assistant(event, message)
+    else:
+        _need(message, "content", (str,), "message.")
+        if _need(message, "tool_call_id", (str,), "message.") != event["call_id"]:
+            raise _BadField("'message.tool_call_id' must equal 'call_id'")
+
+
+def _check_assistant(event: dict, message: dict) -> None:
+    _need(message, "content", (str,), "message.", required=False)
+    sent = _need(message, "tool_calls", (list,), "message.", required=False) or []
+    for i, call in enumerate(sent):
+        where = f"message.tool_calls[{i}]"
+        if not isinstance(call, dict):
+            raise _BadField(f"'{where}' must be a JSON object")
+        _need(call, "id", (str,), f"{where}.")
+        function = _need(call, "function", (dict,), f"{where}.")
+        _need(function, "name", (str,), f"{where}.function.")
+        _need(function, "arguments", (str,), f"{where}.function.")
+    raw = event["tool_calls"]
+    if len(raw) != len(sent):
+        raise _BadField(f"'tool_calls' has {len(raw)} calls but 'message.tool_calls' has "
+                        f"{len(sent)}")
+    for i, call in enumerate(raw):
+        if not isinstance(call, dict):
+            raise _BadField(f"'tool_calls[{i}]' must be a JSON object")
+        _need(call, "arguments", (str, dict), f"tool_calls[{i}].", required=False)
 
 
 def _is_json(text: str) -> bool:
@@ -213,17 +315,34 @@ def _check_header(path: Path, number: int, header: dict) -> None:
             f"{path}:{number}: transcript version {header.get('version')!r} is not supported "
             f"(this booth reads version {VERSION})"
         )
+    if not isinstance(header.get("system_prompt", ""), str):
+        raise TranscriptError(f"{path}:{number}: header: 'system_prompt' must be a string")
+
+
+def retracted(events: list[dict]) -> set[int]:
+    """Indexes of the events whose message a later "retracted" event withdrew."""
+    live: list[int] = []  # indexes of the message-carrying events still in the conversation
+    withdrawn: set[int] = set()
+    for index, event in enumerate(events):
+        if "message" in event:
+            live.append(index)
+        elif event["type"] == "retracted" and live:
+            withdrawn.add(live.pop())
+    return withdrawn
 
 
 def conversation(events: list[dict]) -> list[dict]:
     """The messages of the conversation (without the system prompt), in order."""
-    return [event["message"] for event in events if "message" in event]
+    gone = retracted(events)
+    return [e["message"] for i, e in enumerate(events) if "message" in e and i not in gone]
 
 
 def assistant_turns(events: list[dict]):
-    """The recorded assistant turns with the model's raw calls, in order (for replay)."""
+    """The recorded assistant turns with the model's raw calls, in order (for replay);
+    turns withdrawn by /retry are left out."""
     from booth.agent.model import AssistantTurn, ToolCall
 
+    gone = retracted(events)
     return [
         AssistantTurn(
             content=event.get("content") or "",
@@ -233,8 +352,8 @@ def assistant_turns(events: list[dict]):
             ],
             finish_reason=event.get("finish_reason"),
         )
-        for event in events
-        if event["type"] == "assistant"
+        for index, event in enumerate(events)
+        if event["type"] == "assistant" and index not in gone
     ]
 
 
