@@ -67,6 +67,9 @@ def test_approval_typed_at_the_prompt_runs_the_call(tty, workspace, photos, tmp_
     assert kinds == ["user", "assistant", "approval", "tool_result", "assistant"]
     for body in llm.requests:
         check_request(body["messages"], body["tools"], body["model"])
+    # The second request's system prompt already lists the dataset the first call made.
+    first, second = (body["messages"][0]["content"] for body in llm.requests)
+    assert "- rex: 3 images kept" not in first and "- rex: 3 images kept" in second
 
 
 def test_the_chat_goes_on_after_the_goal_until_exit(tty, workspace, tmp_path):

@@ -165,8 +165,9 @@ def _open_session(ctx, fail, settings, model, policy, ui, goal, transcript, resu
         writer = TranscriptWriter.create(path, header, secrets)
     except (TranscriptError, OSError) as error:
         raise fail(str(error), 2) from None
+    # The header keeps the first prompt; each request gets the workspace as it is by then.
     return Session(model, ctx, policy, system_prompt=system_prompt, transcript=writer,
-                   **options)
+                   live_workspace=True, **options)
 
 
 def _reader(ui):
