@@ -187,3 +187,165 @@ def test_resuming_from_a_step_drops_what_came_after_it(tmp_path):
         (folder / "training_state.json").write_text("{}")
     assert discard_after(tmp_path, 5) == [10, 15]
     assert [step for step, _ in list_checkpoints(tmp_path)] == [5]
+
+
+# --- a resume that cannot go on leaves the run as it was; a run's inputs are pinned ---------
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tiny_model):
+    """A completed 2-step run with priors (checkpoints 1 and 2, final/), copied by each test."""
+    root = tmp_path_factory.mktemp("small")
+    make_workspace(root)
+    ctx = ToolContext.from_options(workspace=str(root), base_model=tiny_model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("booth.tools.priors.find_prior_set",
+                      lambda ctx, prompt, base=None, **_: root / "priors" / "dog")
+        get_tool("train").run(ctx, {**ARGS, "max_train_steps": 2, "checkpointing_steps": 1,
+                                    "train_text_encoder": False, "run_name": "small"})
+    return root
+
+
+@pytest.fixture
+def copied(small_run, tmp_path, tiny_model):
+    """A private copy of the small run's workspace (run.yaml and inputs.json point into it)."""
+    import shutil
+
+    root = tmp_path / "ws"
+    shutil.copytree(small_run, root)
+    for name in ("run.yaml", "inputs.json"):
+        file = root / "runs" / "small" / name
+        if file.is_file():
+            file.write_text(file.read_text().replace(str(small_run), str(root)))
+    return ToolContext.from_options(workspace=str(root), base_model=tiny_model)
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+def point_base_model_at_missing_folder(run_dir: Path, monkeypatch) -> None:
+    file = run_dir / "run.yaml"
+    file.write_text(file.read_text().replace("base_model: ", f"base_model: {run_dir}/gone#", 1))
+
+
+def fail_loading_parts(run_dir: Path, monkeypatch) -> None:
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("booth.dreambooth.trainer.load_parts", out_of_memory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("break_it, arguments, message", [
+    (point_base_model_at_missing_folder, {"max_train_steps": 4}, "base model"),
+    (fail_loading_parts, {"checkpoint": "1"}, "ran out of memory"),
+])
+def test_a_failed_resume_keeps_the_final_model_checkpoints_and_metrics(
+        copied, monkeypatch, break_it, arguments, message):
+    run_dir = copied.workspace.run_dir("small")
+    break_it(run_dir, monkeypatch)
+    before = snapshot(run_dir)
+    assert {"final/model_index.json", "checkpoints/checkpoint-2/unet.safetensors"} <= set(before)
+    with pytest.raises(ToolError, match=message):
+        get_tool("resume_checkpoint").run(copied, {"run": "small", **arguments})
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_exporting_gets_its_final_model_on_resume(copied):
+    from booth.dreambooth.trainer import load_run_pipeline
+
+    run_dir = copied.workspace.run_dir("small")
+    (run_dir / "final").rename(run_dir / ".tmp-final")  # as a kill during export leaves it
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    checkpoint = weights(run_dir / "checkpoints" / "checkpoint-2")
+    result = get_tool("resume_checkpoint").run(copied, {"run": "small"})
+    assert result["status"] == "completed" and result["steps"] == 2
+    assert result["final_loss"] == pytest.approx(json.loads(metrics.splitlines()[-1])["loss"],
+                                                 abs=1e-5)
+    assert (run_dir / "final" / "model_index.json").is_file()
+    assert not (run_dir / ".tmp-final").exists()
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing trained again
+    assert identical(weights(run_dir / "checkpoints" / "checkpoint-2"), checkpoint)
+    unet = load_run_pipeline(run_dir, device="cpu").unet.state_dict()
+    assert identical({"u": {k: v for k, v in unet.items() if k in checkpoint["unet.safetensors"]}},
+                     {"u": checkpoint["unet.safetensors"]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, message", [
+    ("instance", r"subject photo\(s\) 0002.png changed.*start a new run"),
+    ("class", r"class images changed \(4 -> 5 images.*start a new run"),
+])
+def test_resume_refuses_when_the_training_images_changed(copied, change, message):
+    root = copied.workspace.root
+    if change == "instance":  # prepare_dataset run again under the same name
+        Image.new("RGB", (64, 64), "red").save(root / "datasets/rex/images/0002.png")
+    else:  # generate_priors with a larger count
+        Image.new("RGB", (64, 64), "red").save(root / "priors/dog/0005.png")
+    run_dir = copied.workspace.run_dir("small")
+    before = snapshot(run_dir)
+    with pytest.raises(ToolError, match=message):
+        get_tool("resume_checkpoint").run(copied, {"run": "small", "max_train_steps": 4})
+    assert snapshot(run_dir) == before
+
+
+def make_checkpoints(run_dir: Path, steps) -> None:
+    for step in steps:
+        folder = run_dir / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "unet.safetensors").write_bytes(b"weights")
+        (folder / "training_state.json").write_text("{}")
+
+
+@pytest.mark.parametrize("delete", ["prune", "discard"])
+def test_a_kill_while_deleting_a_checkpoint_never_leaves_a_broken_one(tmp_path, monkeypatch,
+                                                                      delete):
+    import shutil
+
+    from booth.dreambooth import checkpoints
+
+    make_checkpoints(tmp_path, (5, 10))
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        if not Path(path).exists():
+            return
+        (Path(path) / "unet.safetensors").unlink()  # the weights went, the state file did not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        if delete == "prune":
+            checkpoints.prune_checkpoints(tmp_path, keep=1)
+        else:
+            checkpoints.discard_after(tmp_path, 5)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
+    for _, folder in checkpoints.list_checkpoints(tmp_path):
+        assert (folder / "unet.safetensors").is_file(), f"{folder.name} is listed but broken"
+    checkpoints.sweep_temporary(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == (
+        ["checkpoint-10"] if delete == "prune" else ["checkpoint-5"])
+
+
+def test_a_kill_while_truncating_metrics_keeps_the_old_file(tmp_path, monkeypatch):
+    from booth.dreambooth.checkpoints import truncate_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(1, 6)))
+    before = metrics.read_text()
+    real_write = Path.write_text
+
+    def killed_midway(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        truncate_metrics(metrics, 3)
+    monkeypatch.undo()
+    assert metrics.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

@@ -373,3 +373,62 @@ def test_out_of_gpu_memory_names_the_memory_ladder(tool_context, monkeypatch):
     for advice in ("mixed_precision='fp16'", "gradient_checkpointing=true",
                    "use_8bit_adam=true", "use_lora=true", "resume_checkpoint run='big'"):
         assert advice in message
+
+
+def test_a_local_base_model_is_kept_as_an_absolute_path(tiny_model, workspace, monkeypatch):
+    model = Path(tiny_model)
+    monkeypatch.chdir(model.parent)
+    ctx = ToolContext.from_options(workspace=workspace, base_model=f"./{model.name}")
+    assert ctx.base_model == str(model.resolve())
+    hub = ToolContext.from_options(workspace=workspace, base_model="someone/some-model")
+    assert hub.base_model == "someone/some-model"
+
+
+@pytest.mark.slow
+def test_a_run_trained_from_a_relative_model_path_samples_from_anywhere(
+        tool_context, tiny_model, monkeypatch, tmp_path):
+    from booth.dreambooth.config import load_config
+    from booth.dreambooth.trainer import load_run_pipeline
+
+    make_dataset(tool_context.workspace.root)
+    model = Path(tiny_model)
+    monkeypatch.chdir(model.parent)
+    get_tool("train").run(tool_context, {
+        "dataset": "rex", "max_train_steps": 1, "learning_rate": 1e-3, "prior_loss_weight": 0,
+        "train_text_encoder": False, "use_lora": True, "run_name": "rel",
+        "base_model": f"./{model.name}", "report_to": "none"})
+    run_dir = tool_context.workspace.run_dir("rel")
+    assert load_config(run_dir / "run.yaml").base_model == str(model.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert generate(load_run_pipeline(run_dir, device="cpu")).shape == (1, 64, 64, 3)
+    assert generate(load_run_pipeline(run_dir, "latest", device="cpu")).shape == (1, 64, 64, 3)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_recomputes_the_text_encoder_too(tool_context, monkeypatch):
+    import transformers.modeling_utils
+
+    calls = []
+    real = transformers.modeling_utils.checkpoint
+
+    def counting(function, *args, **kwargs):
+        calls.append(type(function.args[0]).__name__)  # partial(forward, layer)
+        return real(function, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
+    make_dataset(tool_context.workspace.root)
+    get_tool("train").run(tool_context, {
+        "dataset": "rex", "max_train_steps": 1, "learning_rate": 1e-3, "prior_loss_weight": 0,
+        "gradient_checkpointing": True, "train_text_encoder": True, "run_name": "gc",
+        "report_to": "none"})
+    assert calls and set(calls) == {"CLIPEncoderLayer"}
+
+
+def test_training_above_the_prepared_resolution_is_refused(tool_context):
+    make_dataset(tool_context.workspace.root, size=64)
+    with pytest.raises(ToolError, match=r"prepared at 64 px.*prepare_dataset again with "
+                                        r"resolution=128"):
+        get_tool("train").run(tool_context, {
+            "dataset": "rex", "max_train_steps": 1, "learning_rate": 1e-4,
+            "prior_loss_weight": 0, "resolution": 128, "run_name": "big"})
+    assert not tool_context.workspace.run_dir("big").exists()

@@ -63,11 +63,15 @@ def read_training_state(checkpoint: Path) -> dict:
 
 
 def sweep_temporary(run_dir: str | Path) -> None:
-    """Remove half-written checkpoints left by a run that was killed while saving."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if folder.is_dir():
-        for path in folder.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
+    """Remove what a killed run left half-written or half-deleted: `.tmp-*` checkpoints, and
+    `.tmp-*` exports and metric files at the run's top level."""
+    for folder in (Path(run_dir) / CHECKPOINTS, Path(run_dir)):
+        if folder.is_dir():
+            for path in folder.glob(f"{TMP_PREFIX}*"):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: dict) -> Path:
@@ -105,15 +109,26 @@ def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
     if keep is None:
         return
     for _, path in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path)
 
 
 def discard_after(run_dir: Path, step: int) -> list[int]:
     """Resuming from `step` rewrites what came after it: drop the later checkpoints."""
     dropped = [s for s, path in list_checkpoints(run_dir) if s > step]
     for s in dropped:
-        shutil.rmtree(run_dir / CHECKPOINTS / f"checkpoint-{s}", ignore_errors=True)
+        remove_dir(run_dir / CHECKPOINTS / f"checkpoint-{s}")
     return dropped
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a folder so that a kill midway never leaves it half there under its own name:
+    it is renamed to `.tmp-del-<name>` first (ignored by list_checkpoints, swept on resume)."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -127,7 +142,33 @@ def truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the kill
-    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    # A temporary file and one rename: a kill midway leaves the old file or the new one.
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    try:
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_if_untrained(run_dir: Path) -> None:
+    """A run that failed before its first step (bad model, no memory) leaves nothing behind,
+    so its name can be used again; one that trained keeps its metrics for the post-mortem."""
+    metrics = run_dir / "metrics.jsonl"
+    if not list_checkpoints(run_dir) and not (metrics.is_file() and metrics.stat().st_size):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def last_loss(path: Path) -> float | None:
+    """The loss of the last complete line of metrics.jsonl (None if there is none)."""
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            return float(json.loads(line)["loss"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return None
 
 
 class GeneratorState:

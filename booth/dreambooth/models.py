@@ -17,10 +17,13 @@ from typing import Any
 from booth.dreambooth.checkpoints import (
     TMP_PREFIX,
     CheckpointError,
+    discard_after,
     load_weights,
     read_training_state,
+    remove_dir,
     replace_dir,
     resolve_checkpoint,
+    truncate_metrics,
 )
 from booth.dreambooth.config import load_config
 from booth.dreambooth.loading import ModelLoadError, load_pipeline, resolve_base_model
@@ -180,6 +183,15 @@ def final_model_path(run_dir: Path) -> Path | None:
         if (run_dir / name).is_dir():
             return run_dir / name
     return None
+
+
+def discard_outputs_after(run_dir: Path, step: int) -> None:
+    """Resuming from `step` writes anew what came after it: later checkpoints, metric lines
+    and the final model go."""
+    discard_after(run_dir, step)
+    for name in (FINAL_DIR, LORA_DIR):
+        remove_dir(run_dir / name)
+    truncate_metrics(run_dir / "metrics.jsonl", step)
 
 
 def load_run_pipeline(run_dir: str | Path, checkpoint: str | None = None, device=None):

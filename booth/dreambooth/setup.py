@@ -19,9 +19,12 @@ def resolve_for_device(config: TrainConfig, run_dir: Path, console) -> TrainConf
     import torch
     from accelerate.utils import is_bnb_available, is_wandb_available
 
+    from booth.dreambooth.loading import resolve_base_model
     from booth.dreambooth.models import text_encoder_lora_problem
     from booth.dreambooth.train_data import list_images
 
+    # A local model folder as an absolute path: run.yaml must work from any directory.
+    base_model = resolve_base_model(config.base_model)
     images = [str(Path(p).expanduser().resolve()) for p in config.instance_images]
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
@@ -48,7 +51,7 @@ def resolve_for_device(config: TrainConfig, run_dir: Path, console) -> TrainConf
     if config.report_to == "wandb" and not is_wandb_available():
         raise ConfigError("report_to='wandb' needs the wandb package (pip install wandb)")
     return dataclasses.replace(
-        config, output_dir=str(run_dir), instance_images=images,
+        config, base_model=base_model, output_dir=str(run_dir), instance_images=images,
         class_data_dir=str(class_dir) if class_dir else config.class_data_dir,
         mixed_precision=mixed_precision, use_8bit_adam=use_8bit_adam,
         train_text_encoder=train_text_encoder,

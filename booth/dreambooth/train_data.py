@@ -103,3 +103,53 @@ def collate_pairs(items: list[dict]) -> dict:
     examples = [item["instance"] for item in items]
     examples += [item["class"] for item in items if "class" in item]
     return {"latents": torch.stack(examples), "num_instance": len(items)}
+
+
+# --- the inputs a run was started with --------------------------------------------------------
+# A resume is exact only on the same data: re-preparing a dataset replaces its photos, and
+# generate_priors with a larger count grows the class folder. inputs.json pins them.
+
+INPUTS_FILE = "inputs.json"
+
+
+def input_fingerprint(config) -> dict:
+    """sha256 of every subject photo of a TrainConfig, and the names (and count) of its class
+    images."""
+    import hashlib
+
+    instance = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest()
+                for p in config.instance_images}
+    classes = config.class_data_dir if config.with_prior_preservation else None
+    names = [p.name for p in list_images(classes)] if classes else []
+    return {"instance_images": instance, "class_images": {"count": len(names), "names": names}}
+
+
+def save_fingerprint(run_dir: Path, fingerprint: dict) -> None:
+    import json
+
+    (run_dir / INPUTS_FILE).write_text(json.dumps(fingerprint, indent=2), encoding="utf-8")
+
+
+def input_changes(run_dir: Path, fingerprint: dict) -> str | None:
+    """Why the inputs differ from those the run started with; None: the same (or unknown)."""
+    import json
+
+    path = run_dir / INPUTS_FILE
+    if not path.is_file():  # a run from before inputs were recorded
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    changes = []
+    old, new = saved.get("instance_images", {}), fingerprint["instance_images"]
+    changed = [Path(p).name for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)]
+    if changed:
+        changes.append(f"subject photo(s) {', '.join(changed[:3])}"
+                       f"{' ...' if len(changed) > 3 else ''} changed (dataset prepared again?)")
+    old_class, new_class = saved.get("class_images", {}), fingerprint["class_images"]
+    if old_class.get("names", []) != new_class["names"]:
+        changes.append(f"the class images changed ({old_class.get('count', 0)} -> "
+                       f"{new_class['count']} images; generate_priors added or replaced some?)")
+    if not changes:
+        return None
+    return (f"the inputs of run {run_dir.name!r} changed since it started: {'; '.join(changes)}. "
+            "Resuming would train on other data than its checkpoints saw; start a new run with "
+            "train instead")

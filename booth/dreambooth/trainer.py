@@ -13,7 +13,6 @@ from a file we write ourselves (see checkpoints.py).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,23 +23,25 @@ from typing import Any
 from booth.dreambooth.checkpoints import (
     CheckpointError,
     GeneratorState,
-    discard_after,
+    last_loss,
     list_checkpoints,
     prune_checkpoints,
     read_training_state,
     register_weight_hooks,
+    remove_if_untrained,
     resolve_checkpoint,
     save_checkpoint,
     sweep_temporary,
-    truncate_metrics,
 )
 from booth.dreambooth.config import ConfigError, TrainConfig, load_config
 from booth.dreambooth.models import (
     FINAL_DIR,
     LORA_DIR,
     add_lora,
+    discard_outputs_after,
     export_lora,
     export_pipeline,
+    final_model_path,
     load_parts,
     load_run_pipeline,
 )
@@ -58,18 +59,10 @@ from booth.dreambooth.setup import (
     wait_for_everyone,
     weight_dtype,
 )
+from booth.dreambooth.train_data import input_changes, input_fingerprint, save_fingerprint
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "TrainConfig",
-    "TrainResult",
-    "TrainingError",
-    "list_checkpoints",
-    "load_run_pipeline",
-    "resume",
-    "train",
-]
+__all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "TrainingError",
+           "list_checkpoints", "load_run_pipeline", "resume", "train"]
 
 
 class TrainingError(Exception):
@@ -105,12 +98,13 @@ def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] 
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save_yaml(run_dir / "run.yaml")
+        save_fingerprint(run_dir, input_fingerprint(config))
     wait_for_everyone()
     try:
         return _run(config, run_dir, None, console, should_stop)
     except BaseException:
         if is_main_process():
-            _remove_if_untrained(run_dir)
+            remove_if_untrained(run_dir)
         raise
 
 
@@ -121,7 +115,9 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
     The LR schedule is rebuilt for the (possibly new) total before the checkpoint is loaded:
     a constant schedule continues exactly; a decaying one is stretched to the new total.
     What the run wrote after that checkpoint (later checkpoints, metric lines, the final
-    model) is discarded, since training from it writes them anew.
+    model) is discarded once the model and checkpoint are loaded, since training from it
+    writes them anew. A run killed while exporting its final model only exports it. Refused
+    if the training images changed since the run started (see train_data.input_changes).
     """
     console = process_console(console)
     run_dir = Path(run_dir).resolve()
@@ -131,27 +127,35 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
     if is_main_process():  # checkpoint-* folders are all another process reads
         sweep_temporary(run_dir)
     step, folder = resolve_checkpoint(run_dir, checkpoint)
+    # Killed while writing the final model: the last checkpoint is the end; export it only.
+    export_only = (max_train_steps is None and step >= config.max_train_steps
+                   and step == list_checkpoints(run_dir)[-1][0]
+                   and final_model_path(run_dir) is None)
     if max_train_steps is not None:
         if max_train_steps <= step:
             raise TrainingError(
                 f"{folder.name} is already at step {step}; max_train_steps must be larger"
             )
         config.max_train_steps = max_train_steps
-    elif step >= config.max_train_steps:
+    elif step >= config.max_train_steps and not export_only:
         raise TrainingError(
             f"{folder.name} is the end of this run ({config.max_train_steps} steps); "
             "pass a larger max_train_steps to train further"
         )
     config = resolve_for_device(config.check(), run_dir, console)
-    wait_for_everyone()  # every process has read the run before the main one rewrites it
-    if is_main_process():
-        config.save_yaml(run_dir / "run.yaml")
-        discard_after(run_dir, step)
-        for name in (FINAL_DIR, LORA_DIR):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        truncate_metrics(run_dir / "metrics.jsonl", step)
-    wait_for_everyone()
-    return _run(config, run_dir, folder, console, should_stop)
+    changed = None if export_only else input_changes(run_dir, input_fingerprint(config))
+    if changed:
+        raise TrainingError(changed)
+
+    def discard_later() -> None:
+        # Only now, with the base model and the checkpoint loaded: a resume that fails
+        # before this point leaves the run exactly as it was.
+        if is_main_process():
+            config.save_yaml(run_dir / "run.yaml")
+            discard_outputs_after(run_dir, step)
+        wait_for_everyone()
+
+    return _run(config, run_dir, folder, console, should_stop, on_loaded=discard_later)
 
 
 @dataclass
@@ -171,22 +175,26 @@ class _Training:
     scaling: tuple[float, float]
 
 
-def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, should_stop
-         ) -> TrainResult:
+def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, should_stop,
+         on_loaded: Callable[[], None] = lambda: None) -> TrainResult:
     started = time.monotonic()
     t = _prepare(config, run_dir, console)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "elapsed": 0.0}
     if checkpoint is not None:
         t.accelerator.load_state(str(checkpoint))
         state.update({k: v for k, v in read_training_state(checkpoint).items() if k in state})
+    on_loaded()
     if config.report_to != "none":
         # After a resume, TensorBoard drops what the killed run logged past the checkpoint.
         purge = {"tensorboard": {"purge_step": state["step"] + 1}} if checkpoint else {}
         t.accelerator.init_trackers("dreambooth", config=tracker_config(config), init_kwargs=purge)
     final_model = None
     try:
-        status, loss = _loop(t, config, run_dir, state, console, should_stop,
-                             saved_at=state["step"] if checkpoint else -1)
+        if state["step"] >= config.max_train_steps:  # resumed only to export the end
+            status, loss = "completed", last_loss(run_dir / "metrics.jsonl")
+        else:
+            status, loss = _loop(t, config, run_dir, state, console, should_stop,
+                                 saved_at=state["step"] if checkpoint else -1)
         if status == "completed":
             final_model = _export(t, config, run_dir)
     finally:
@@ -231,6 +239,8 @@ def _prepare(config: TrainConfig, run_dir: Path, console) -> _Training:
         if config.train_text_encoder:  # transformers 5 renamed it; 4.x has the old name
             enable = getattr(text_encoder, "activation_checkpointing_enable", None)
             (enable or text_encoder.gradient_checkpointing_enable)()
+    for model in trained:  # from_pretrained gives eval mode; transformers checkpoints
+        model.train()      # only in training mode (SD's dropout is 0: losses are the same)
 
     # Every image through the frozen VAE once; then the VAE (and a frozen text encoder,
     # whose two outputs are cached too) leave memory.
@@ -396,11 +406,3 @@ def _diverged(step: int, config: TrainConfig) -> str:
         f"learning_rate than {config.learning_rate:g} (e.g. {config.learning_rate / 5:g}), "
         "or resume from an earlier checkpoint"
     )
-
-
-def _remove_if_untrained(run_dir: Path) -> None:
-    """A run that failed before its first step (bad model, no memory) leaves nothing behind,
-    so its name can be used again; one that trained keeps its metrics for the post-mortem."""
-    metrics = run_dir / "metrics.jsonl"
-    if not list_checkpoints(run_dir) and not (metrics.is_file() and metrics.stat().st_size):
-        shutil.rmtree(run_dir, ignore_errors=True)

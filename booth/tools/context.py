@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 
@@ -26,8 +27,16 @@ class ToolContext:
     @classmethod
     def from_options(cls, workspace: str | None = None, base_model: str | None = None,
                      console: Console | None = None) -> ToolContext:
+        base_model = base_model or os.environ.get("BOOTH_BASE_MODEL") or DEFAULT_BASE_MODEL
         return cls(
             workspace=Workspace.from_option(workspace),
-            base_model=base_model or os.environ.get("BOOTH_BASE_MODEL") or DEFAULT_BASE_MODEL,
+            base_model=absolute_if_local(base_model),
             console=console or Console(stderr=True),
         )
+
+
+def absolute_if_local(base_model: str) -> str:
+    """A local model folder as an absolute path (what runs record must work from any
+    directory); a hub id as it is."""
+    path = Path(base_model).expanduser()
+    return str(path.resolve()) if path.exists() else base_model

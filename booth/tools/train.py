@@ -87,10 +87,9 @@ def train(
     if run_dir.exists():
         raise ToolError(f"run {name!r} already exists; continue it with "
                         f"resume_checkpoint(run={name!r}) or choose another run_name")
-    base = base_model or ctx.base_model
-    _check_base_model(base)
+    base = _check_base_model(base_model or ctx.base_model)
     class_prompt = class_prompt or manifest.get("class_prompt")
-    resolution = resolution or int(manifest.get("resolution") or 512)
+    resolution = _resolution(dataset, manifest, resolution)
     class_dir = _class_images(ctx, prior_loss_weight, class_prompt, base, resolution)
     config = TrainConfig(
         base_model=base, output_dir=str(run_dir),
@@ -157,13 +156,27 @@ _OUT_OF_MEMORY = (
 )
 
 
-def _check_base_model(base_model: str) -> None:
+def _check_base_model(base_model: str) -> str:
+    """The base model as runs record it (a local folder as an absolute path), or a ToolError."""
     from booth.dreambooth.loading import ModelLoadError, resolve_base_model
 
     try:
-        resolve_base_model(base_model)
+        return resolve_base_model(base_model)
     except ModelLoadError as error:
         raise ToolError(str(error)) from None
+
+
+def _resolution(dataset: str, manifest: dict, asked: int | None) -> int:
+    """The dataset's resolution unless a lower one is asked: its photos are already cropped
+    to it, so training above it would only upscale them."""
+    if not manifest.get("resolution"):  # an older manifest: its size is unknown
+        return asked or 512
+    prepared = int(manifest["resolution"])
+    if asked and asked > prepared:
+        raise ToolError(f"dataset {dataset!r} was prepared at {prepared} px; training at "
+                        f"{asked} px would upscale its photos. Run prepare_dataset again with "
+                        f"resolution={asked} (or train at {prepared} or less)")
+    return asked or prepared
 
 
 def _result(name: str, result) -> dict:
