@@ -210,8 +210,9 @@ def load_run_pipeline(run_dir: str | Path, checkpoint: str | None = None, device
         final = final_model_path(run_dir)
         if final is None:
             raise CheckpointError(
-                f"run {run_dir.name!r} has no final model (it did not complete); "
-                "sample from a checkpoint instead, e.g. checkpoint='latest'"
+                f"run {run_dir.name!r} has no final model (it did not complete); sample from "
+                "a checkpoint instead, e.g. checkpoint='latest', or finish it with "
+                f"resume_checkpoint(run={run_dir.name!r})"
             )
         if final.name == FINAL_DIR:
             return load_pipeline(str(final), device=device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from booth.tools.context import ToolContext
+from booth.tools.context import ToolContext, absolute_if_local
 from booth.tools.registry import Param, ToolError, tool
 
 DEFAULT_BATCH = 4
@@ -76,7 +76,7 @@ def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
     from booth.dreambooth import priors
     from booth.dreambooth.loading import ModelLoadError, resolve_base_model
 
-    base = base_model or ctx.base_model
+    base = absolute_if_local(base_model) if base_model else ctx.base_model
     try:
         resolve_base_model(base)  # before anything reads the folder
     except ModelLoadError as error:
