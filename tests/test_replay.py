@@ -167,10 +167,11 @@ def test_a_user_turn_that_ended_early_replays_under_its_own_message(tmp_path, ti
     assert "no more recorded assistant turns" not in text
     first, second = text.split("you> prepare my photos")
     assert "The recorded session ended this turn here (endpoint error: HTTP 400" in first
+    assert "error: The recorded" not in first  # where the recording stopped: a notice
     assert "Preparing." not in first and "Your dataset is ready." in second
     (replayed,) = (workspace / "transcripts").glob("*.jsonl")
     kinds = [e["type"] for e in read_transcript(replayed)[1]]
-    assert kinds == ["user", "endpoint_error", "user", "assistant", "approval", "tool_result",
+    assert kinds == ["user", "notice", "user", "assistant", "approval", "tool_result",
                      "assistant"]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from booth.agent import wire
 from booth.agent.history import estimate_tokens, fit_history
-from booth.agent.model import AssistantTurn, ChatModel, EndpointError, ToolCall
+from booth.agent.model import AssistantTurn, ChatModel, EndpointError, ToolCall, TurnEnded
 from booth.agent.transcript import TranscriptWriter, open_for_resume, unanswered_calls
 from booth.agent.ui import ChatUI
 from booth.tools import TOOLS, ToolArgumentError, ToolError, parse_arguments
@@ -106,7 +106,7 @@ class Session:
         except EndpointError as error:
             self.ui.error(str(error))
             self._record("endpoint_error", error=str(error))
-        except AgentStop as error:
+        except (AgentStop, TurnEnded) as error:
             self.ui.notice(str(error))
             self._record("notice", text=str(error))
         except SessionAborted:

@@ -34,6 +34,11 @@ class EndpointError(Exception):
     """
 
 
+class TurnEnded(Exception):
+    """The model side ends the user's turn without an answer, and that is no fault: a replay
+    has reached the point where the recorded turn stopped. Shown as a notice."""
+
+
 class ChatModel(Protocol):
     def complete(
         self,
@@ -94,7 +99,7 @@ class ReplayModel(ScriptedModel):
         if self.turns:
             return super().complete(messages, tools, on_text)
         if self.ended:
-            raise EndpointError(f"The recorded session ended this turn here ({self.ended}).")
+            raise TurnEnded(f"The recorded session ended this turn here ({self.ended}).")
         raise EndpointError(
             "The transcript has no more recorded assistant turns: the replay asked the "
             f"model for turn {self._asked}, but the session recorded {self._recorded}. "
