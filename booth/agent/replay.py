@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from booth.agent.approval import Decision, show_call
-from booth.agent.model import AssistantTurn, ReplayModel, ToolCall
-from booth.agent.transcript import read_transcript, retracted
+from booth.agent.model import AssistantTurn, ReplayModel
+from booth.agent.transcript import assistant_turns, read_transcript, retracted
 from booth.agent.ui import ChatUI
 from booth.tools import ToolArgumentError
 
@@ -63,21 +63,6 @@ class UserTurn:
     ended: str | None = None  # why the recorded turn stopped before a final answer
 
 
-def recorded_turns(events: list[dict]) -> list[AssistantTurn]:
-    """The assistant turns among `events` with the ids that were sent (so results can be
-    matched) and the raw arguments the model wrote (so a malformed call fails validation
-    again, as it did)."""
-    turns = []
-    for event in (e for e in events if e["type"] == "assistant"):
-        sent = event["message"].get("tool_calls") or []
-        calls = [
-            ToolCall(s["id"], s["function"]["name"], r.get("arguments") or "")
-            for s, r in zip(sent, event["tool_calls"], strict=True)
-        ]
-        turns.append(AssistantTurn(event.get("content") or "", calls, event.get("finish_reason")))
-    return turns
-
-
 def user_turns(events: list[dict]) -> list[UserTurn]:
     """The recorded user messages, each with its own assistant turns (those withdrawn by
     /retry left out) and, when it ended early, the reason."""
@@ -88,7 +73,7 @@ def user_turns(events: list[dict]) -> list[UserTurn]:
             groups.append((event["message"]["content"], []))
         elif groups and index not in gone and event["type"] != "retracted":
             groups[-1][1].append(event)
-    return [UserTurn(text, recorded_turns(group), _ending(group)) for text, group in groups]
+    return [UserTurn(text, assistant_turns(group), _ending(group)) for text, group in groups]
 
 
 def _ending(group: list[dict]) -> str | None:

@@ -338,23 +338,23 @@ def conversation(events: list[dict]) -> list[dict]:
 
 
 def assistant_turns(events: list[dict]):
-    """The recorded assistant turns with the model's raw calls, in order (for replay);
-    turns withdrawn by /retry are left out."""
+    """The recorded assistant turns, in order, for replay: each call with the id that was
+    sent (so its recorded result can be found) and the model's raw name and arguments (so a
+    malformed call fails validation again, as it did). Turns withdrawn by /retry are left
+    out."""
     from booth.agent.model import AssistantTurn, ToolCall
 
     gone = retracted(events)
-    return [
-        AssistantTurn(
-            content=event.get("content") or "",
-            tool_calls=[
-                ToolCall(c.get("id", ""), c.get("name", ""), c.get("arguments", ""))
-                for c in event.get("tool_calls") or []
-            ],
-            finish_reason=event.get("finish_reason"),
-        )
-        for index, event in enumerate(events)
-        if event["type"] == "assistant" and index not in gone
-    ]
+    turns = []
+    for index, event in enumerate(events):
+        if event["type"] != "assistant" or index in gone:
+            continue
+        sent = event["message"].get("tool_calls") or []
+        calls = [ToolCall(s["id"], r.get("name") or s["function"]["name"],
+                          r.get("arguments") or "")
+                 for s, r in zip(sent, event["tool_calls"], strict=True)]
+        turns.append(AssistantTurn(event.get("content") or "", calls, event.get("finish_reason")))
+    return turns
 
 
 def open_for_resume(
