@@ -68,6 +68,14 @@ def load_pipeline(base_model: str, device=None, dtype=None):
     return pipeline.to(device or default_device())
 
 
+def load_inference_pipeline(base_model: str):
+    """The pipeline for generating images: fp16 on CUDA (half the memory, faster), fp32
+    elsewhere (CPU fp16 is slow or unsupported)."""
+    import torch
+
+    return load_pipeline(base_model, dtype=torch.float16 if torch.cuda.is_available() else None)
+
+
 def default_device():
     """cuda when present, else mps, else cpu: the same choice accelerate makes."""
     from accelerate import PartialState

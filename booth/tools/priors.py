@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 from booth.tools.context import ToolContext, absolute_if_local
+from booth.tools.estimates import device_kind, duration
 from booth.tools.registry import Param, ToolError, tool
 
 DEFAULT_BATCH = 4
@@ -91,13 +92,9 @@ def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
 
 
 def _load(base_model: str):
-    """The base pipeline in fp16 on CUDA (half the memory, faster), fp32 elsewhere."""
-    import torch
+    from booth.dreambooth.loading import load_inference_pipeline
 
-    from booth.dreambooth.loading import load_pipeline
-
-    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-    return load_pipeline(base_model, dtype=dtype)
+    return load_inference_pipeline(base_model)
 
 
 def _result(key, result, requested: int) -> dict:
@@ -134,12 +131,10 @@ def seconds_per_image(base_model: str, resolution: int, steps: int) -> tuple[flo
 
     from booth.dreambooth.priors import unet_and_vae_config
 
-    if torch.cuda.is_available():
-        kind, where = "cuda", f"cuda ({torch.cuda.get_device_name(0)})"
-    elif torch.backends.mps.is_available():
-        kind, where = "mps", "mps (Apple GPU)"
-    else:
-        kind, where = "cpu", f"cpu ({torch.get_num_threads()} threads)"
+    kind = device_kind()
+    where = {"cuda": lambda: f"cuda ({torch.cuda.get_device_name(0)})",
+             "mps": lambda: "mps (Apple GPU)",
+             "cpu": lambda: f"cpu ({torch.get_num_threads()} threads)"}[kind]()
     configs = unet_and_vae_config(base_model)
     widths = (configs[0].get("block_out_channels") or [320]) if configs else [320]
     if max(widths) <= 128:  # a tiny test model, hundreds of times cheaper than SD
@@ -172,15 +167,7 @@ def _describe_cost(ctx, args: dict) -> str:
                                          key.num_inference_steps)
     reused = f" ({len(present)} reused)" if present else ""
     return (f"{wanted} images at {key.resolution} px, {key.num_inference_steps} steps: "
-            f"{missing} to generate{reused}, ~{_duration(missing * per_image)} on {where}")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
+            f"{missing} to generate{reused}, ~{duration(missing * per_image)} on {where}")
 
 
 generate_priors.estimate = _estimate

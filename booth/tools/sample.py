@@ -85,12 +85,9 @@ def _pipeline(ctx: ToolContext, run: str | None, checkpoint: str | None):
 
 
 def _base_pipeline(base_model: str):
-    import torch
+    from booth.dreambooth.loading import load_inference_pipeline
 
-    from booth.dreambooth.loading import load_pipeline
-
-    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-    return load_pipeline(base_model, dtype=dtype)
+    return load_inference_pipeline(base_model)
 
 
 def _output_folder(ctx: ToolContext, run: str | None):

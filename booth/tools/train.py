@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from booth.tools.context import ToolContext
+from booth.tools.estimates import device_kind, duration
 from booth.tools.registry import Param, ToolError, tool
 from booth.tools.workspace import NAME_PATTERN, check_name
 
@@ -277,7 +278,7 @@ def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:
     what = "with prior preservation" if priors else "no prior preservation"
     lora = ", LoRA" if args.get("use_lora") else ""
     return (f"{args['max_train_steps']} steps at {resolution} px ({what}{lora}), "
-            f"~{_duration(seconds)} on {_device()}")
+            f"~{duration(seconds)} on {device_kind()}")
 
 
 def _estimate_resume(ctx: ToolContext, args: dict[str, Any]) -> str | None:
@@ -293,7 +294,7 @@ def _estimate_resume(ctx: ToolContext, args: dict[str, Any]) -> str | None:
     seconds = max(total - step, 0) * _seconds_per_step(config.base_model, config.resolution,
                                                        examples)
     cost = (f"from {folder.name} to step {total}: {max(total - step, 0)} steps, "
-            f"~{_duration(seconds)} on {_device()}")
+            f"~{duration(seconds)} on {device_kind()}")
     return cost + _discarded(run_dir, step)
 
 
@@ -313,7 +314,7 @@ def _discarded(run_dir: Path, step: int) -> str:
 
 
 def _seconds_per_step(base_model: str, resolution: int, examples: int) -> float:
-    reference, per_example = _SECONDS_PER_EXAMPLE[(_device(), _model_size(base_model))]
+    reference, per_example = _SECONDS_PER_EXAMPLE[(device_kind(), _model_size(base_model))]
     return per_example * examples * ((resolution / reference) ** 2) ** 0.8
 
 
@@ -325,22 +326,6 @@ def _model_size(base_model: str) -> str:
             f.stat().st_size for f in unet.glob("*.bin"))
         return "tiny" if 0 < weights < 50e6 else "sd"
     return "sd"
-
-
-def _device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 train.estimate = _estimate_train
