@@ -134,33 +134,15 @@ def call_tool(
     try:
         spec = get_tool(name)
         parsed = parse_words(arguments or [], spec.parameters)
-        result = _run_interruptibly(spec, context, parsed)
+        with context.interruptible():
+            result = spec.run(context, parsed)
     except ToolError as error:
         # 2: the call was invalid and nothing ran; 1: the tool ran and failed.
         raise fail(str(error), code=2 if isinstance(error, ToolArgumentError) else 1) from None
+    except KeyboardInterrupt:  # the second Ctrl-C
+        raise fail("aborted; finished checkpoints are kept and resumable", code=130) from None
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, every process ran it
         typer.echo(json.dumps(result, indent=2, default=str))
-
-
-def _run_interruptibly(spec, context, arguments):
-    """Run a tool; the first Ctrl-C asks it to stop at a safe point, the second aborts."""
-    import signal
-
-    def on_interrupt(signum, frame):
-        if context.stop_requested.is_set():
-            raise KeyboardInterrupt
-        context.stop_requested.set()
-        context.console.print(
-            "[yellow]Stopping at the next safe point (Ctrl-C again to abort)...[/]"
-        )
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        return spec.run(context, arguments)
-    except KeyboardInterrupt:
-        raise fail("aborted; finished checkpoints are kept and resumable", code=130) from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @app.command()

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +191,7 @@ class Session:
         outcome: dict[str, Any] = {"ok": True}
         start = time.monotonic()
         try:
-            with self._interruptible():
+            with self.ctx.interruptible(SessionAborted, "abort the session"):
                 outcome["result"] = tool.run(self.ctx, arguments)
         except ToolError as error:
             outcome = {"ok": False, "error": str(error)}
@@ -231,27 +228,6 @@ class Session:
                              **outcome)
         if self.on_result:
             self.on_result(event)
-
-    @contextmanager
-    def _interruptible(self) -> Iterator[None]:
-        """First Ctrl-C asks the tool to stop at a safe point; the second aborts."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_interrupt(signum, frame):
-            if self.ctx.stop_requested.is_set():
-                raise SessionAborted
-            self.ctx.stop_requested.set()
-            # The tool's console: it draws the progress bar, so the line lands above it.
-            self.ctx.console.print("[yellow]Stopping at the next safe point "
-                                   "(Ctrl-C again to abort the session)...[/]")
-
-        previous = signal.signal(signal.SIGINT, on_interrupt)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     # -- messages and transcript ------------------------------------------------------------
     @staticmethod

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,29 @@ class ToolContext:
             base_model=absolute_if_local(base_model),
             console=console or Console(stderr=True),
         )
+
+    @contextmanager
+    def interruptible(self, abort: type[BaseException] = KeyboardInterrupt,
+                      again: str = "abort") -> Iterator[None]:
+        """While a tool runs: the first Ctrl-C sets `stop_requested` (the tool stops at a safe
+        point and returns), the second raises `abort`. Signals reach the main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_interrupt(signum, frame):
+            if self.stop_requested.is_set():
+                raise abort
+            self.stop_requested.set()
+            # The tool's console draws the progress bar, so the line lands above it.
+            self.console.print(f"[yellow]Stopping at the next safe point (Ctrl-C again to "
+                               f"{again})...[/]")
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def absolute_if_local(base_model: str) -> str:
