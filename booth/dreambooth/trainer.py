@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from booth.dreambooth.checkpoints import (
-    CheckpointError,
     GeneratorState,
     last_loss,
     list_checkpoints,
@@ -33,7 +32,8 @@ from booth.dreambooth.checkpoints import (
     save_checkpoint,
     sweep_temporary,
 )
-from booth.dreambooth.config import ConfigError, TrainConfig, load_config
+from booth.dreambooth.config import TrainConfig, load_config
+from booth.dreambooth.errors import CheckpointError, ConfigError, TrainingError
 from booth.dreambooth.models import (
     FINAL_DIR,
     LORA_DIR,
@@ -45,13 +45,13 @@ from booth.dreambooth.models import (
     load_parts,
     load_run_pipeline,
 )
+from booth.dreambooth.progress import training_progress
 from booth.dreambooth.setup import (
     PromptEmbeddings,
     cache_latent_stats,
     is_main_process,
     make_accelerator,
     make_optimizer,
-    make_progress,
     process_console,
     resolve_for_device,
     stop_everywhere,
@@ -63,10 +63,6 @@ from booth.dreambooth.train_data import input_changes, input_fingerprint, save_f
 
 __all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "TrainingError",
            "list_checkpoints", "load_run_pipeline", "resume", "train"]
-
-
-class TrainingError(Exception):
-    """Training cannot start or go on (existing run, diverged loss); the message says why."""
 
 
 @dataclass
@@ -276,7 +272,7 @@ def _loop(t: _Training, config: TrainConfig, run_dir: Path, state: dict, console
     """Train from `state` to max_train_steps; return (status, last logged loss)."""
     accelerator, loss = t.accelerator, None
     elapsed_before, resumed_at = state["elapsed"], time.monotonic()
-    progress, task = make_progress(console, config.max_train_steps, state["step"],
+    progress, task = training_progress(console, config.max_train_steps, state["step"],
                                    disable=not accelerator.is_main_process)
     main = accelerator.is_main_process
     with progress, ((run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main

@@ -54,6 +54,14 @@ class Workspace:
     def run_dir(self, name: str) -> Path:
         return self._child("runs", name, "run name")
 
+    def existing_run(self, name: str) -> Path:
+        """The folder of training run `name`, which must exist (it holds run.yaml)."""
+        folder = self.run_dir(name)
+        if not (folder / "run.yaml").is_file():
+            known = ", ".join(self.names("runs")) or "none yet"
+            raise ToolError(f"no training run {name!r} (runs in the workspace: {known})")
+        return folder
+
     def samples_dir(self, name: str) -> Path:
         return self._child("samples", name, "sample set")
 
