@@ -37,6 +37,10 @@ _JSON_NAMES = {
 _ARRAY_KEYS = {"minItems", "maxItems"}
 _SCALARS: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
 EXCERPT = 80  # characters of a value quoted in an error: enough to recognise it
+# Patterns for text a tool would refuse anyway, so the schema refuses it first (and the call
+# counts as invalid): a path with a NUL byte cannot be opened; blank text means nothing.
+PATH = r"^[^\x00]+$"
+NOT_BLANK = r"\S"
 
 
 @dataclass(frozen=True)

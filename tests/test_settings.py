@@ -86,8 +86,9 @@ def test_the_model_sees_a_chosen_list_and_the_rest_stays_valid_and_validated():
 
 
 def test_booth_call_reaches_a_setting_the_model_is_not_shown(tool_context, monkeypatch):
-    from booth.dreambooth import trainer
     from test_train import make_dataset
+
+    from booth.dreambooth import trainer
 
     seen = {}
 
@@ -116,8 +117,9 @@ def test_an_instance_prompt_without_the_identifier_is_refused(tool_context):
 
 def test_a_bug_in_the_engine_keeps_its_traceback_instead_of_posing_as_a_user_error(
         tool_context, monkeypatch):
-    from booth.dreambooth import trainer
     from test_train import make_dataset
+
+    from booth.dreambooth import trainer
 
     def bug(config, **kwargs):
         raise FileNotFoundError("a bug, not the user's doing")
@@ -126,3 +128,23 @@ def test_a_bug_in_the_engine_keeps_its_traceback_instead_of_posing_as_a_user_err
     monkeypatch.setattr(trainer, "train", bug)
     with pytest.raises(FileNotFoundError):  # not turned into a ToolError for the model
         TRAIN.run(tool_context, {**VALID, "prior_loss_weight": 0})
+
+
+@pytest.mark.parametrize("tool, arguments", [
+    ("train", {**VALID, "run_name": "a..b"}),
+    ("train", {**VALID, "dataset": "a..b"}),
+    ("train", {**VALID, "base_model": "models/\x00sd"}),
+    ("sample", {"prompts": ["a dog"], "run": "a..b"}),
+    ("sample", {"prompts": ["   "]}),
+    ("prepare_dataset", {"images_dir": "photos/\x00rex", "class_noun": "dog"}),
+    ("prepare_dataset", {"images_dir": "photos", "class_noun": "  "}),
+    ("prepare_dataset", {"images_dir": "photos", "class_noun": "dog", "name": "a..b"}),
+    ("generate_priors", {"class_prompt": " \t "}),
+    ("generate_priors", {"class_prompt": "a dog", "base_model": "\x00"}),
+    ("resume_checkpoint", {"run": "..", "checkpoint": "latest"}),
+])
+def test_the_schema_refuses_what_the_tool_would(tool, arguments):
+    # Refused by the schema, such a call counts as invalid (the model is told at once, and
+    # it does not reset the cap on invalid calls) and is never put to the user under -y.
+    with pytest.raises(ToolArgumentError):
+        get_tool(tool).validate(arguments)

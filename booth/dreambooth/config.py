@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from booth.dreambooth.errors import ConfigError
-from booth.schema import Param, errors, settings_schema
+from booth.schema import NOT_BLANK, PATH, Param, errors, settings_schema
 
 __all__ = ["ConfigError", "SUMMARY_FIELDS", "TrainConfig", "load_config"]
 
@@ -36,7 +36,7 @@ class TrainConfig:
     # --- what to learn from ---------------------------------------------------------------
     # VAE, tokenizer and scheduler come from the base model too.
     base_model: Annotated[str, Param("Diffusers SD-1.x folder or hub id", min_length=1,
-                                     max_length=1000)] = DEFAULT_BASE_MODEL
+                                     max_length=1000, pattern=PATH)] = DEFAULT_BASE_MODEL
     # The run folder: run.yaml, metrics.jsonl, logs/, checkpoints/, final/ or lora/.
     output_dir: str = "runs/dreambooth"
     # The 3-20 subject photos; one prompt binds them all to the rare identifier.
@@ -49,7 +49,8 @@ class TrainConfig:
     # prior_loss_weight > 0.
     class_data_dir: str | None = None
     class_prompt: Annotated[str | None, Param("Prompt of the class images, e.g. 'a photo of "
-                                              "a dog'", min_length=1, max_length=300)] = None
+                                              "a dog'", min_length=1, max_length=300,
+                                              pattern=NOT_BLANK)] = None
     # Images are resized on their short side and centre-cropped.
     resolution: Annotated[int, Param("Square training resolution in pixels, a multiple of 8",
                                      minimum=64, multiple_of=8)] = 512

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 from booth.dreambooth.priors import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from booth.schema import NOT_BLANK, PATH
 from booth.tools.context import ToolContext, absolute_if_local
 from booth.tools.estimates import device_kind, duration
-from booth.tools.registry import Param, ToolError, tool
+from booth.tools.registry import Param, tool
 
 _SAMPLE_PATHS = 4
 
@@ -19,7 +20,7 @@ def generate_priors(
     ctx: ToolContext,
     class_prompt: Annotated[str, Param("Prompt for the class images, e.g. 'a photo of a dog' "
                                        "(the class prompt prepare_dataset returned)",
-                                       min_length=1, max_length=1000)],
+                                       min_length=1, max_length=1000, pattern=NOT_BLANK)],
     num_images: Annotated[int, Param("How many class images the set should hold (~200 is "
                                      "usual)", minimum=1, maximum=2000)] = 200,
     seed: Annotated[int, Param("Seed: the same seed gives the same images",
@@ -37,7 +38,8 @@ def generate_priors(
     negative_prompt: Annotated[str | None, Param("What the images should not show",
                                                  max_length=1000)] = None,
     base_model: Annotated[str | None, Param("Model that draws them (default: the session's "
-                                            "base model)", min_length=1, max_length=1000)] = None,
+                                            "base model)", min_length=1, max_length=1000,
+                                            pattern=PATH)] = None,
 ) -> dict:
     """Generate class images with the base model, for prior-preservation training.
 
@@ -73,8 +75,6 @@ def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
     base = absolute_if_local(base_model) if base_model else ctx.base_model
     resolve_base_model(base)  # before anything reads the folder
     resolution = resolution or priors.natural_resolution(base)
-    if not prompt.strip():
-        raise ToolError("class_prompt is empty: give e.g. 'a photo of a dog'")
     return priors.PriorKey.create(
         base, prompt, negative_prompt=negative or None, seed=seed, resolution=resolution,
         num_inference_steps=steps, guidance_scale=float(guidance))

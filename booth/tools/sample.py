@@ -7,6 +7,7 @@ from typing import Annotated
 
 from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
 from booth.dreambooth.sampling import DEFAULT_STEPS
+from booth.schema import NOT_BLANK
 from booth.tools.context import ToolContext
 from booth.tools.registry import Param, ToolError, tool
 from booth.tools.workspace import NAME_PATTERN
@@ -18,7 +19,7 @@ def sample(
     prompts: Annotated[list[str], Param("Prompts to render, e.g. 'a photo of sks dog on the "
                                         "moon' (use the run's identifier for the subject)",
                                         min_items=1, max_items=16, min_length=1,
-                                        max_length=1000)],
+                                        max_length=1000, pattern=NOT_BLANK)],
     run: Annotated[str | None, Param("Trained run to sample from (default: the base model)",
                                      pattern=NAME_PATTERN)] = None,
     checkpoint: Annotated[str | None, Param("'latest', 'checkpoint-<step>' or '<step>' of the "
@@ -50,8 +51,6 @@ def sample(
 
     if checkpoint is not None and run is None:
         raise ToolError("checkpoint needs a run: pass run='<name>' as well")
-    if any(not p.strip() for p in prompts):
-        raise ToolError("prompts must not be empty")
     pipeline, model = _pipeline(ctx, run, checkpoint)
     folder = _output_folder(ctx, run)
     result = sample_images(

@@ -17,13 +17,14 @@ from pathlib import Path
 from booth.tools.registry import ToolError
 
 DEFAULT_WORKSPACE = "booth-workspace"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# No '..' anywhere: the name must never climb out of its folder.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN[1:-1])  # fullmatch: `$` would let a trailing newline in
 
 
 def check_name(name: str, what: str = "name") -> str:
     """A dataset or run name the model or user chose; never a path."""
-    if not _NAME_RE.fullmatch(name) or ".." in name:
+    if not _NAME_RE.fullmatch(name):
         raise ToolError(
             f"{what} {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no slashes, no '..')"
