@@ -204,11 +204,13 @@ def test_tool_errors_and_crashes_become_error_results_and_the_session_goes_on(ct
     assert_every_request_obeys_mistral(llm)
 
 
-def test_first_ctrl_c_stops_the_tool_and_the_model_is_told(ctx, tmp_path):
+def test_first_ctrl_c_stops_the_tool_ends_the_turn_and_the_model_is_told_next(ctx, tmp_path):
     script = [call("long_job", {"presses": 1}), reply("Stopped at checkpoint-3.")]
     with FakeLLM(script) as llm:
         session = start(llm, ctx, tmp_path / "t.jsonl", tools={"long_job": long_job})
-        assert session.send("train")
+        assert not session.send("train")  # the turn ends: the person types next
+        assert len(llm.requests) == 1, "the model must not be asked again at once"
+        assert session.send("what now?")
     (told,) = tool_messages(llm.requests[1])
     assert told.startswith("The user pressed Ctrl-C while the tool ran") and '"interrupted"' in told
     assert not ctx.stop_requested.is_set()  # cleared for the next tool
