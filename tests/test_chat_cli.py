@@ -11,11 +11,11 @@ import pytest
 from fakellm import FakeLLM, call, reply
 from typer.testing import CliRunner
 
-from booth.agent import commands
 from booth.agent.approval import NO_TERMINAL
 from booth.agent.transcript import read_transcript
 from booth.agent.wire import check_request
 from booth.cli import app
+from booth.commands import session
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def photos(tmp_path) -> str:
 @pytest.fixture
 def tty(monkeypatch):
     """Pretend stdin is a terminal, so approvals are asked (CliRunner's stdin is a pipe)."""
-    monkeypatch.setattr(commands, "_stdin_is_tty", lambda: True)
+    monkeypatch.setattr(session, "stdin_is_tty", lambda: True)
 
 
 def prepare(photos: str) -> dict:
