@@ -65,14 +65,14 @@ def _tables(state: dict):
     sessions = Table("transcript", "size", "modified", title="Sessions (transcripts/)",
                      title_justify="left")
     for s in state["sessions"]:
-        sessions.add_row(Path(s["path"]).name, f"{s['bytes'] / 1024:.1f} kB", s["modified"])
+        sessions.add_row(Path(s["path"]).name, _size(s["bytes"]), s["modified"])
     yield "Sessions", sessions
 
 
 def _runs_table(runs: list[dict]):
     from rich.table import Table
 
-    table = Table("name", "steps", "checkpoints", "last loss", "status", "final model",
+    table = Table("name", "steps saved", "checkpoints", "last loss", "status", "final model",
                   title="Runs", title_justify="left")
     for r in runs:
         steps = f"{r['steps']} / {r['max_train_steps'] if r['max_train_steps'] else '?'}"
@@ -84,6 +84,10 @@ def _runs_table(runs: list[dict]):
         table.add_row(r["name"], steps, ", ".join(map(str, r["checkpoints"])) or "none", loss,
                       f"[{style}]{r['status']}[/]", final.strip())
     return table
+
+
+def _size(count: int) -> str:
+    return f"{count} B" if count < 1024 else f"{count / 1024:.1f} kB"
 
 
 def _text(value) -> str:

@@ -154,6 +154,7 @@ def _run(folder: Path) -> dict:
     except (OSError, ValueError):  # not UTF-8: a damaged file, not one the trainer wrote
         loss = None
     latest = checkpoints[-1] if checkpoints else None
+    # "steps": those kept in the latest complete checkpoint, where a resume starts from.
     return {
         "name": folder.name,
         "config": config,
