@@ -162,3 +162,18 @@ def test_ls_does_not_import_the_heavy_libraries(filled):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout
+
+
+def test_the_system_prompt_words_the_same_facts(filled):
+    from booth.agent.prompt import workspace_state
+    from booth.tools.workspace import Workspace
+
+    text = workspace_state(Workspace(filled))
+    assert "- rex: 3 images kept, instance_prompt 'a photo of sks dog'" in text
+    assert "- broken: manifest.json missing or unreadable" in text
+    assert "- a-photo-of-a-dog-1234abcd: 2 images of 'a photo of a dog' at 64 px" in text
+    assert "- done: " in text and "checkpoints at steps 2, 4; last loss 0.25; finished: final/" \
+        in text
+    assert "checkpoints at steps 2, 3; last loss 0.3333; no final weights yet (interrupted" in text
+    assert "(stopped while exporting; resume_checkpoint exports it)" in text
+    assert "- garbled: run.yaml missing or unreadable; no checkpoints;" in text

@@ -13,6 +13,13 @@ from datetime import date
 from importlib import resources
 from pathlib import Path
 
+from booth.tools.workspace import (
+    INTERRUPTED,
+    NO_FINAL_MODEL,
+    TRAINING_OR_CRASHED,
+    describe_workspace,
+)
+
 
 def load_template(name: str = "system.md") -> str:
     """A prompt template shipped in the booth.prompts package."""
@@ -52,8 +59,6 @@ def device_line() -> str:
 
 def workspace_state(workspace) -> str:
     """Markdown lists of the datasets, prior sets and runs of `workspace`."""
-    from booth.tools.workspace import describe_workspace
-
     state = describe_workspace(workspace)
     sections = [
         ("Datasets (datasets/)", [_dataset_line(d) for d in state["datasets"]]),
@@ -88,6 +93,13 @@ def _priors_line(priors: dict) -> str:
     return f"{priors['name']}: {priors['images']} images of {priors['prompt']!r}{size}"
 
 
+_WHY_NOT_FINISHED = {
+    INTERRUPTED: "interrupted; resume_checkpoint continues it",
+    TRAINING_OR_CRASHED: "still training, or crashed after its last checkpoint",
+    NO_FINAL_MODEL: "stopped while exporting; resume_checkpoint exports it",
+}
+
+
 def _run_line(run: dict) -> str:
     config = ", ".join(_settings(run["config"])) if run["config"] is not None \
         else "run.yaml missing or unreadable"
@@ -99,5 +111,5 @@ def _run_line(run: dict) -> str:
     if run["final_model"]:
         parts.append(f"finished: {Path(run['final_model']).name}/")
     else:
-        parts.append(f"no final weights yet ({run['status']})")
+        parts.append(f"no final weights yet ({_WHY_NOT_FINISHED.get(run['status'], '?')})")
     return f"{run['name']}: {config}; " + "; ".join(parts)

@@ -50,8 +50,8 @@ def chat(
         help="Seconds to wait for a byte from the server before giving up",
         show_default=f"{_DEFAULTS['timeout']:g}", rich_help_panel=_ENDPOINT)] = None,
     temperature: Annotated[float | None, typer.Option(
-        help="Randomness of the answers: low keeps tool calls precise (Mistral advises "
-        "0.15 for Small 3.2)", show_default=f"{_DEFAULTS['temperature']:g}",
+        help="Randomness of the answers: low keeps tool calls precise (the default is "
+        "Mistral's advice for Small 3.2)", show_default=f"{_DEFAULTS['temperature']:g}",
         rich_help_panel=_SAMPLING)] = None,
     top_p: Annotated[float | None, typer.Option(
         help="Nucleus sampling: draw only from the likeliest tokens that add up to this "
