@@ -119,12 +119,16 @@ def _count(value) -> int | None:
 
 def _dataset(folder: Path) -> dict:
     manifest = _read_json(folder / "manifest.json")
-    if not isinstance(manifest, dict) or _count(manifest.get("images")) is None:
-        return {"name": folder.name, "error": "manifest.json missing or unreadable"}
-    return {"name": folder.name, "images": _count(manifest["images"]),
+    images = _count(manifest.get("images")) if isinstance(manifest, dict) else None
+    if images is None:
+        return {"name": folder.name, "images": None, "rejected": None, "instance_prompt": None,
+                "class_prompt": None, "resolution": None,
+                "error": "manifest.json missing or unreadable"}
+    return {"name": folder.name, "images": images,
             "rejected": _count(manifest.get("rejected")) or 0,
             **{key: manifest.get(key) for key in ("instance_prompt", "class_prompt",
-                                                   "resolution")}}
+                                                   "resolution")},
+            "error": None}
 
 
 def _prior_set(folder: Path) -> dict:
@@ -132,11 +136,11 @@ def _prior_set(folder: Path) -> dict:
 
     info = read_prior_set(folder)
     key = info.get("key") if isinstance(info, dict) else None
-    if not isinstance(key, dict):
-        return {"name": folder.name, "images": len(existing_images(folder)),
-                "error": "priors.json missing or unreadable"}
+    readable = isinstance(key, dict)
     return {"name": folder.name, "images": len(existing_images(folder)),
-            "prompt": key.get("prompt"), "resolution": key.get("resolution")}
+            "prompt": key.get("prompt") if readable else None,
+            "resolution": key.get("resolution") if readable else None,
+            "error": None if readable else "priors.json missing or unreadable"}
 
 
 def _run(folder: Path) -> dict:
