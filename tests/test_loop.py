@@ -320,18 +320,21 @@ def test_the_system_prompt_survives_a_broken_workspace(ctx):
     (root / "datasets" / "rex").mkdir(parents=True)
     (root / "datasets" / "rex" / "manifest.json").write_text("{broken")
     (root / "priors" / "dogs").mkdir(parents=True)
-    (root / "runs" / "r1" / "checkpoints" / "checkpoint-400").mkdir(parents=True)
+    checkpoint = root / "runs" / "r1" / "checkpoints" / "checkpoint-400"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text('{"step": 400}')  # written last: complete
+    (root / "runs" / "r1" / "checkpoints" / "checkpoint-500").mkdir()  # incomplete: not listed
     (root / "runs" / "r1" / "run.yaml").write_text("max_train_steps: [unclosed")
-    (root / "runs" / "r1" / "metrics.jsonl").write_bytes(
-        b'{"step": 400, "loss": 0.25}\n{"st\xe2\x82')  # a crash mid-way through a character
+    (root / "runs" / "r1" / "metrics.jsonl").write_text(
+        '{"step": 400, "loss": 0.25}\n{"st')  # a crash mid-way through a line
     (root / "runs" / "r2").mkdir()
     (root / "runs" / "r2" / "run.yaml").write_bytes(b"class_prompt: caf\xe9")  # not UTF-8
+    (root / "runs" / "r2" / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 0.5}\n\xe2\x82')
     prompt = build_system_prompt(ctx, today=date(2026, 5, 4), device="CPU only")
     assert "- rex: manifest.json missing or unreadable" in prompt
     assert "- dogs: priors.json missing or unreadable" in prompt
-    assert "run.yaml missing or unreadable; checkpoints at steps 400" in prompt
-    assert "- r2: run.yaml missing or unreadable" in prompt
-    assert "last loss 0.25 at step 400" in prompt and "no final weights yet" in prompt
+    assert "run.yaml missing or unreadable; checkpoints at steps 400; last loss 0.25" in prompt
+    assert "- r2: run.yaml missing or unreadable; no checkpoints; no final weights yet" in prompt
     assert "Today is 2026-05-04" in prompt and f"base model: {ctx.base_model}" in prompt
     assert "{" + "state}" not in prompt  # every placeholder filled
 
