@@ -103,6 +103,7 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
     from booth.agent.model import EndpointError
     from booth.agent.settings import resolve_settings
     from booth.agent.ui import ChatUI
+    from booth.tools import EXIT_TERMINATED, Terminated, terminate_raises
 
     try:
         settings = resolve_settings(**options)
@@ -120,14 +121,19 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
                             transcript, resume)
     ui.info(f"model: {settings.describe()}")
     ui.info(f"transcript: {session.transcript.path}")
+    resume_hint = f"continue with `booth chat --resume {session.transcript.path}`"
     try:
-        ok = session.send(goal) if goal else True
-        if interactive:
-            _converse(session, read)
+        with terminate_raises():
+            ok = session.send(goal) if goal else True
+            if interactive:
+                _converse(session, read)
     except SessionAborted:
-        ui.error("aborted. Finished checkpoints are kept; continue with "
-                 f"`booth chat --resume {session.transcript.path}`")
+        ui.error(f"aborted. Finished checkpoints are kept; {resume_hint}")
         return 130
+    except Terminated:
+        fail(f"terminated (SIGTERM). The running tool stopped at a safe point (training "
+             f"saved a checkpoint); {resume_hint}")
+        return EXIT_TERMINATED
     finally:
         session.transcript.close()
         ui.info(f"transcript saved: {session.transcript.path}")

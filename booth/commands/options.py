@@ -102,6 +102,7 @@ def tool_context():
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a user-facing error to stderr and return the Exit to raise."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)

@@ -119,3 +119,9 @@ def call_tool(
         raise fail("aborted; finished checkpoints are kept and resumable", code=130) from None
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, every process ran it
         typer.echo(json.dumps(result, indent=2, default=str))
+    if context.terminated.is_set():
+        from booth.tools import EXIT_TERMINATED
+
+        hint = result.get("hint", "") if isinstance(result, dict) else ""
+        raise fail(f"terminated (SIGTERM): {name} stopped at a safe point. {hint}".strip(),
+                   code=EXIT_TERMINATED)
