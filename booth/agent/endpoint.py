@@ -109,7 +109,7 @@ class OpenAIChatModel:
                 if time.monotonic() >= deadline - 0.05:
                     raise EndpointError(self._mask(self._gave_up(attempt))) from None
                 if attempt == tries:
-                    raise EndpointError(self._mask(f"{failure} (tried {tries} times)")) from None
+                    raise EndpointError(self._mask(f"{failure} ({_tries(tries)})")) from None
                 wait = min(_backoff(failure.wait, attempt - 1, settings.retry_backoff),
                            max(0.0, deadline - time.monotonic()))
                 on_status(self._mask(f"{failure.short}, retrying in {wait:.0f} s, "
@@ -120,7 +120,7 @@ class OpenAIChatModel:
 
     def _gave_up(self, tries: int) -> str:
         return (f"{self._url} did not begin answering within "
-                f"{self.settings.first_token_timeout:g} s (tried {tries} times; the model may "
+                f"{self.settings.first_token_timeout:g} s ({_tries(tries)}; the model may "
                 "still be loading or be overloaded; --first-token-timeout waits longer)")
 
     def _send(self, request: dict, on_text: Callable[[str], None], waiting: Waiting,
@@ -222,6 +222,10 @@ class Waiting:
             if waited >= self.first_after:
                 self.on_status(self.mask(f"{self.what}… {waited:.0f} s "
                                          f"(gives up at {self.limit:g} s)"))
+
+
+def _tries(count: int) -> str:
+    return "tried once" if count == 1 else f"tried {count} times"
 
 
 def _backoff(server_wait: float | None, attempt: int, base: float) -> float:
