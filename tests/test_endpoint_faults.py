@@ -304,3 +304,22 @@ def test_the_loop_answers_each_call_with_the_id_it_sent(tmp_path):
     assert ids[0] != "abcDEF123" and ids[1] == "456789abc"
     assert [first["tool_call_id"], second["tool_call_id"]] == ids
     check_request(model.requests[1][0], None, "m")
+
+
+def test_waiting_lines_in_a_pipe_are_occasional_and_retries_always_shown():
+    ui = ChatUI(Console(file=io.StringIO(), width=200, color_system=None))
+    for second in range(2, 6):
+        ui.status(f"waiting for the model… {second} s")
+    ui.status("server busy (429), retrying in 4 s, 1/3", lasting=True)
+    ui.status(None)
+    ui.status("waiting for the model… 2 s")  # a new wait starts its own series
+    lines = ui.console.file.getvalue().splitlines()
+    assert lines == ["waiting for the model… 2 s", "server busy (429), retrying in 4 s, 1/3",
+                     "waiting for the model… 2 s"]
+
+
+def test_credentials_in_the_url_are_said_to_be_unsent_and_count_as_secrets():
+    settings = resolve_settings(env={}, base_url="http://bob:hunter22@box:8000/v1", api_key=KEY)
+    assert "user:password in the URL not sent" in settings.describe()
+    assert set(settings.secrets()) == {KEY, "hunter22", "bob:hunter22"}
+    assert resolve_settings(env={}).secrets() == []  # the local placeholder is no secret
