@@ -323,3 +323,20 @@ def test_credentials_in_the_url_are_said_to_be_unsent_and_count_as_secrets():
     assert "user:password in the URL not sent" in settings.describe()
     assert set(settings.secrets()) == {KEY, "hunter22", "bob:hunter22"}
     assert resolve_settings(env={}).secrets() == []  # the local placeholder is no secret
+
+
+def test_an_answer_broken_mid_stream_is_asked_again_and_the_user_told(tmp_path):
+    script = [broken(reply("I will prep"), "cut"), reply("I will prepare your photos.")]
+    with FakeLLM(script) as llm:
+        session = session_for(llm, tmp_path)
+        assert session.send("hi")
+    text = shown(session)
+    assert "broken answer, retrying in 0 s, 1/1" in text
+    assert text.rstrip().endswith("I will prepare your photos.")
+    (answer,) = events(tmp_path, "assistant")
+    assert answer["content"] == "I will prepare your photos."
+
+
+def test_the_defaults_bound_every_wait():
+    settings = resolve_settings(env={})
+    assert settings.first_token_timeout <= 180 and settings.connect_timeout <= 5

@@ -143,14 +143,14 @@ class OpenAIChatModel:
                 for piece in reader.read(response.iter_bytes()):
                     waiting.stop()
                     self._show(on_text, piece, final=False)
-                self._show(on_text, "")
                 return reader.turn()
             except reply.BrokenReply as err:
+                if reader.events:
+                    raise
+                kind = response.headers.get("content-type") or "no Content-Type"
+                raise reply.BrokenReply(f"{err} (it sent {kind})") from None
+            finally:  # whatever ends the stream, text held back by the masker is shown
                 self._show(on_text, "")
-                if not reader.events:
-                    kind = response.headers.get("content-type") or "no Content-Type"
-                    raise reply.BrokenReply(f"{err} (it sent {kind})") from None
-                raise
 
     def _show(self, on_text: Callable[[str], None], text: str, final: bool = True) -> None:
         """Text to the user with secrets masked (a secret split over chunks included)."""
