@@ -17,8 +17,9 @@ from rich.console import Console
 
 from booth.agent import endpoint
 from booth.agent.approval import AutoApprove
-from booth.agent.endpoint import Masker, OpenAIChatModel
+from booth.agent.endpoint import OpenAIChatModel
 from booth.agent.loop import Session
+from booth.agent.masking import Masker
 from booth.agent.model import AssistantTurn, EndpointError, ScriptedModel, ToolCall
 from booth.agent.settings import EndpointSettings, resolve_settings
 from booth.agent.transcript import TranscriptWriter, make_header, read_transcript
@@ -340,3 +341,16 @@ def test_an_answer_broken_mid_stream_is_asked_again_and_the_user_told(tmp_path):
 def test_the_defaults_bound_every_wait():
     settings = resolve_settings(env={})
     assert settings.first_token_timeout <= 180 and settings.connect_timeout <= 5
+
+
+def test_a_hidden_console_masks_what_tools_and_approvals_print(tmp_path):
+    model = ScriptedModel([AssistantTurn("", [ToolCall("abcDEF123", "note", json.dumps(
+        {"text": f"my key is {KEY}"}))]), AssistantTurn("Noted.")])
+    ui = ChatUI(Console(file=io.StringIO(), width=200, color_system=None), secrets=[KEY])
+    ctx = ToolContext.from_options(workspace=str(tmp_path), base_model=str(tmp_path),
+                                   console=Console(file=io.StringIO()))
+    session = Session(model, ctx, AutoApprove(ui=ui), system_prompt="s", ui=ui, tools=TOOLS)
+    assert session.send("note my key")
+    assert RAN == [{"text": f"my key is {KEY}"}]  # the tool gets the real value
+    text = ui.console.file.getvalue()
+    assert "my key is ***" in text and KEY not in text

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from booth.agent import reply, wire
+from booth.agent.masking import Masker
 from booth.agent.model import AssistantTurn, EndpointError
 from booth.agent.settings import LOCAL_KEY, PRESETS, EndpointSettings, safe_url
 
@@ -157,36 +158,6 @@ class OpenAIChatModel:
         shown = self._mask.feed(text) + (self._mask.flush() if final else "")
         if shown:
             on_text(shown)
-
-
-class Masker:
-    """Replaces known secrets by *** in text shown piece by piece: it holds back the tail
-    that could be the start of a secret until the next piece (or `flush`) decides."""
-
-    def __init__(self, secrets: list[str]):
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-        self._held = ""
-
-    def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def feed(self, text: str) -> str:
-        if not self.secrets:
-            return text
-        text = self(self._held + text)
-        keep = max(len(s) for s in self.secrets) - 1
-        cut = len(text)
-        for size in range(1, min(keep, len(text)) + 1):  # the longest tail a secret starts
-            if any(s.startswith(text[-size:]) for s in self.secrets):
-                cut = len(text) - size
-        self._held = text[cut:]
-        return text[:cut]
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
 
 
 class Waiting:

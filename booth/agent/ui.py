@@ -53,12 +53,22 @@ def arguments_table(arguments: dict, defaults: dict | None = None,
 class ChatUI:
     """Everything the user sees of the agent, printed through one rich console."""
 
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console | None = None, secrets: list[str] | None = None):
         self.console = console or Console(highlight=False)
+        if secrets:
+            self.hide(secrets)
         self._streaming = False
         self._status = None  # the live waiting line on a terminal
         self._status_printed: float | None = None  # when a pipe last got a waiting line
         self._lock = threading.Lock()  # the endpoint reports waits from a background thread
+
+    def hide(self, secrets: list[str]) -> None:
+        """Mask `secrets` (e.g. `EndpointSettings.secrets()`) in everything this console
+        prints, whoever prints it (approval prompts share the console)."""
+        from booth.agent.masking import MaskingFile
+
+        if [s for s in secrets if s]:
+            self.console.file = MaskingFile(self.console.file, secrets)
 
     # -- waiting for the model --------------------------------------------------------------
     def status(self, text: str | None, lasting: bool = False) -> None:
