@@ -156,8 +156,11 @@ class Tally:
             outcome = fn()
         except BaseException as err:  # noqa: BLE001 - anything escaping is the finding
             self.tracebacks += 1
-            self.failures.append(f"{label}: {type(err).__name__}: {err}"[:300])
-            print(f"  TRACEBACK {label}\n" + traceback.format_exc(limit=3))
+            frames = [f for f in traceback.extract_tb(err.__traceback__) if "/booth/" in f.filename]
+            where = (f" (in {Path(frames[-1].filename).name}:{frames[-1].lineno} "
+                     f"{frames[-1].name})" if frames else "")
+            self.failures.append(f"{label}: {type(err).__name__}{where}: {err}"[:200])
+            print(f"  {label:44.44} TRACEBACK {type(err).__name__}{where}  <-- FAIL")
             return
         text, transcript, ran, wrong_end = outcome
         self.accepted += wrong_end
