@@ -29,7 +29,17 @@ from typing import Annotated, Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's booth, and tests/fakellm.py
 
-from fakellm import FakeLLM, broken, call, error, hang, message, raw, reply  # noqa: E402
+from fakellm import (  # noqa: E402
+    FakeLLM,
+    broken,
+    call,
+    error,
+    hang,
+    message,
+    raw,
+    reply,
+    trickle,
+)
 from rich.console import Console  # noqa: E402
 
 from booth.agent.approval import AutoApprove  # noqa: E402
@@ -140,6 +150,8 @@ ENDPOINT_FAULTS: dict[str, tuple[list[dict], bool, dict]] = {
     "400 echoing the key": ([error(400, f"key {KEY} not allowed")], True, {}),
     "404 unknown model": ([error(404, "The model does not exist.")], True, {}),
     "hang past the first-token timeout": (_same(hang(5)), True, {"first_token_timeout": 1.0}),
+    "keep-alives only, past the first-token timeout": (_same(trickle(4)), True,
+                                                       {"first_token_timeout": 1.0}),
     "broken then good": ([broken(reply("I"), "cut"), GOOD], True, {}),
 }
 

@@ -72,6 +72,11 @@ def hang(seconds: float = 2.0) -> dict:
     return {"kind": "hang", "seconds": min(float(seconds), 10.0)}
 
 
+def trickle(seconds: float = 3.0, every: float = 0.2) -> dict:
+    """A step: a 200 event stream of keep-alive comments only, for `seconds` (at most 10)."""
+    return {"kind": "trickle", "seconds": min(float(seconds), 10.0), "every": every}
+
+
 def raw(body: bytes | str, content_type: str = "text/event-stream", status: int = 200) -> dict:
     """A step: exactly these bytes, whatever the request asked (garbage, HTML, not UTF-8)."""
     data = body.encode() if isinstance(body, str) else body
@@ -182,6 +187,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if step["kind"] == "raw":
             return self._raw(step)
+        if step["kind"] == "trickle":
+            return self._trickle(step)
         model = body.get("model", self.llm.model)
         if step["kind"] == "message":
             return self._message(step, model, bool(body.get("stream")))
@@ -206,6 +213,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(step["body"])
+        self.close_connection = True
+
+    def _trickle(self, step: dict) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        ends = time.monotonic() + step["seconds"]
+        while time.monotonic() < ends and not self.llm.stopping.is_set():
+            try:
+                self.wfile.write(b": keep-alive\n\n")
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                break
+            time.sleep(step["every"])
         self.close_connection = True
 
     def _message(self, step: dict, model: str, stream: bool) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import pytest
-from fakellm import FakeLLM, broken, call, calls, error, hang, message, raw, reply
+from fakellm import FakeLLM, broken, call, calls, error, hang, message, raw, reply, trickle
 from rich.console import Console
 
 from booth.agent import endpoint
@@ -220,6 +220,14 @@ def test_a_hang_ends_at_the_first_token_timeout_and_the_wait_is_shown(monkeypatc
     assert waits and waits[0].startswith(f"waiting for the model at {llm.base_url}… ")
     assert "(gives up at 1.2 s)" in waits[0]
     assert statuses[-1] == (None, False)  # cleared at the end
+
+
+def test_keep_alives_alone_do_not_hold_booth_past_the_first_token_timeout():
+    with FakeLLM([trickle(6)]) as llm:
+        started = time.monotonic()
+        with pytest.raises(EndpointError, match="did not begin answering within 1 s"):
+            model_for(llm, first_token_timeout=1.0, timeout=30).complete(START, SPECS)
+        assert time.monotonic() - started < 2.5
 
 
 _real_waiting_init = endpoint.Waiting.__init__

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from booth.agent import reply, wire
@@ -100,7 +100,7 @@ class OpenAIChatModel:
             if left <= 0:
                 raise EndpointError(self._mask(self._gave_up(attempt - 1)))
             try:
-                return self._send(request, on_text, waiting, min(settings.timeout, left))
+                return self._send(request, on_text, waiting, deadline)
             except Exception as err:
                 failure = _classify(err, settings)
                 if failure is None:
@@ -125,10 +125,11 @@ class OpenAIChatModel:
                 "still be loading or be overloaded; --first-token-timeout waits longer)")
 
     def _send(self, request: dict, on_text: Callable[[str], None], waiting: Waiting,
-              read_timeout: float) -> AssistantTurn:
+              deadline: float) -> AssistantTurn:
         import openai
 
-        timeout = openai.Timeout(read_timeout, connect=self.settings.connect_timeout)
+        read = min(self.settings.timeout, deadline - time.monotonic())
+        timeout = openai.Timeout(read, connect=self.settings.connect_timeout)
         create = self.client().chat.completions.with_streaming_response.create
         waiting.start()
         if not self.settings.stream:
@@ -141,7 +142,7 @@ class OpenAIChatModel:
         with create(**request, stream=True, timeout=timeout) as response:
             reader = reply.StreamReader()
             try:
-                for piece in reader.read(response.iter_bytes()):
+                for piece in reader.read(_begun_by(response.iter_bytes(), reader, deadline)):
                     waiting.stop()
                     self._show(on_text, piece, final=False)
                 return reader.turn()
@@ -193,6 +194,16 @@ class Waiting:
             if waited >= self.first_after:
                 self.on_status(self.mask(f"{self.what}… {waited:.0f} s "
                                          f"(gives up at {self.limit:g} s)"))
+
+
+def _begun_by(chunks: Iterator[bytes], reader: reply.StreamReader,
+              deadline: float) -> Iterator[bytes]:
+    """The stream's bytes, ended once the deadline passes with no answer begun: a proxy's
+    keep-alive comments would otherwise reset every read timeout forever."""
+    for chunk in chunks:
+        if not reader.begun and time.monotonic() > deadline:
+            raise reply.BrokenReply("sent nothing but keep-alives")
+        yield chunk
 
 
 def _tries(count: int) -> str:

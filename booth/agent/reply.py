@@ -209,6 +209,11 @@ class StreamReader:
             slot["name"] = _name(function["name"])
         slot["arguments"] += as_text(function.get("arguments"))
 
+    @property
+    def begun(self) -> bool:
+        """Whether the answer has begun: text or a tool call has come."""
+        return bool(self.text or self.slots)
+
     def turn(self) -> AssistantTurn:
         if self.finish is None:
             if not self.events:
