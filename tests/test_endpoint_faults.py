@@ -169,9 +169,6 @@ def test_a_malformed_call_is_refused_as_invalid_and_nothing_runs(kind, stream, t
     check_request(llm.requests[1]["messages"], llm.requests[1]["tools"], llm.model)
 
 
-# The loop's own parse (booth.tools.registry.parse_arguments) is being fixed on another
-# branch; until it merges the RecursionError comes from there, not from the endpoint or wire.
-@pytest.mark.xfail(raises=RecursionError, reason="registry.parse_arguments, fixed elsewhere")
 def test_arguments_nested_too_deep_reach_the_loop_as_an_invalid_call(tmp_path):
     deep = "[" * 2000 + "]" * 2000
     with FakeLLM([call("note", deep), reply("Sorry.")]) as llm:
