@@ -37,10 +37,20 @@ _JSON_NAMES = {
 _ARRAY_KEYS = {"minItems", "maxItems"}
 _SCALARS: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
 EXCERPT = 80  # characters of a value quoted in an error: enough to recognise it
+_PATTERN_WORDS: dict[str, str] = {}
+
+
+def pattern(regex: str, words: str) -> str:
+    """A pattern for a Param, with the rule said in words for the person or model who broke
+    it ("use 1-64 letters, ..."): a raw regex in an error helps nobody."""
+    _PATTERN_WORDS[regex] = words
+    return regex
+
+
 # Patterns for text a tool would refuse anyway, so the schema refuses it first (and the call
 # counts as invalid): a path with a NUL byte cannot be opened; blank text means nothing.
-PATH = r"^[^\x00]+$"
-NOT_BLANK = r"\S"
+PATH = pattern(r"^[^\x00]+$", "a path without NUL bytes")
+NOT_BLANK = pattern(r"\S", "some text (not blank)")
 
 
 @dataclass(frozen=True)
@@ -154,13 +164,15 @@ def settings_schema(config_class: type) -> dict[str, Any]:
 # --- validation ------------------------------------------------------------------------------
 
 
-def _pattern(validator, pattern: str, instance: Any, schema: dict):
+def _pattern(validator, regex: str, instance: Any, schema: dict):
     """JSON Schema's `pattern`, where `$` means the end of the text: Python's `$` also
     matches before a final newline, which would let "rex\n" pass as a name."""
     if not validator.is_type(instance, "string"):
         return
-    if re.search(pattern, instance) is None or (pattern.endswith("$") and instance.endswith("\n")):
-        yield jsonschema.ValidationError(f"{excerpt(instance)} does not match {pattern!r}")
+    if re.search(regex, instance) is None or (regex.endswith("$") and instance.endswith("\n")):
+        words = _PATTERN_WORDS.get(regex)
+        rule = f"use {words}" if words else f"it must match {regex!r}"
+        yield jsonschema.ValidationError(f"{excerpt(instance)} is not allowed: {rule}")
 
 
 _TYPE = jsonschema.Draft202012Validator.VALIDATORS["type"]

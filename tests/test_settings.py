@@ -148,3 +148,27 @@ def test_the_schema_refuses_what_the_tool_would(tool, arguments):
     # it does not reset the cap on invalid calls) and is never put to the user under -y.
     with pytest.raises(ToolArgumentError):
         get_tool(tool).validate(arguments)
+
+
+@pytest.mark.parametrize("tool, arguments, words", [
+    ("train", {**VALID, "run_name": "my run!"}, "run_name: 'my run!' is not allowed: use 1-64 "
+     "letters, digits, '.', '_' or '-', starting with a letter or digit, with no '..'"),
+    ("resume_checkpoint", {"run": "rex", "checkpoint": "step 5"},
+     "checkpoint: 'step 5' is not allowed: use 'latest', 'checkpoint-<step>' or '<step>'"),
+    ("sample", {"prompts": [" "]}, "prompts.0: ' ' is not allowed: use some text (not blank)"),
+])
+def test_a_name_that_breaks_a_rule_is_told_the_rule_in_words(tool, arguments, words):
+    with pytest.raises(ToolArgumentError) as error:
+        get_tool(tool).validate(arguments)
+    assert words in str(error.value) and "^" not in str(error.value)
+
+
+def test_one_prompt_typed_on_the_command_line_is_a_list_of_one():
+    from booth.tools.registry import parse_words
+
+    sample = get_tool("sample")
+    assert parse_words(["prompts=a photo of sks dog"], sample.parameters) == {
+        "prompts": ["a photo of sks dog"]}
+    assert parse_words(['prompts=["a", "b"]'], sample.parameters) == {"prompts": ["a", "b"]}
+    assert parse_words(["prompts=42"], sample.parameters) == {"prompts": ["42"]}
+    sample.validate(parse_words(["prompts=a photo of sks dog"], sample.parameters))

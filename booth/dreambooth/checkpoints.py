@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from booth.dreambooth.errors import CheckpointError
+from booth.schema import pattern
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"
@@ -27,7 +28,8 @@ TMP_PREFIX = ".tmp-"
 # may also say `<step>` or "latest" (CHOICE is that rule as a JSON-schema pattern).
 _FOLDER_RE = re.compile(r"checkpoint-(\d{1,9})")
 _STEP_RE = re.compile(r"(?:checkpoint-)?(\d{1,9})")
-CHOICE = r"^(latest|(checkpoint-)?[0-9]{1,9})$"
+CHOICE = pattern(r"^(latest|(checkpoint-)?[0-9]{1,9})$",
+                 "'latest', 'checkpoint-<step>' or '<step>'")
 
 
 def checkpoint_name(step: int) -> str:

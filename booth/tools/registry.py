@@ -167,14 +167,24 @@ def parse_words(words: list[str], parameters: dict | None = None) -> dict[str, A
             raise ToolArgumentError(
                 f"cannot read {excerpt(word)}: give one JSON object or key=value pairs"
             )
-        if properties.get(key, {}).get("type") == "string":
-            merged[key] = value
-            continue
-        try:
-            merged[key] = _loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            merged[key] = value
+        merged[key] = _typed_word(value, properties.get(key, {}))
     return merged
+
+
+def _typed_word(value: str, schema: dict) -> Any:
+    """One typed value: as text for a string parameter (`checkpoint=400` is "400"), a list of
+    one for a list of strings given one text (`prompts=a photo of sks dog`), else JSON when
+    it parses."""
+    if schema.get("type") == "string":
+        return value
+    try:
+        parsed = _loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        parsed = value
+    wants_texts = schema.get("type") == "array" and schema.get("items", {}).get("type") == "string"
+    if wants_texts and not isinstance(parsed, list):
+        return [value]
+    return parsed
 
 
 def _no_constant(name: str):

@@ -14,11 +14,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from booth.schema import pattern
 from booth.tools.registry import ToolError
 
 DEFAULT_WORKSPACE = "booth-workspace"
 # No '..' anywhere: the name must never climb out of its folder.
-NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+NAME_PATTERN = pattern(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                       "1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                       "digit, with no '..'")
 _NAME_RE = re.compile(NAME_PATTERN[1:-1])  # fullmatch: `$` would let a trailing newline in
 
 
