@@ -87,10 +87,11 @@ def test_without_a_terminal_calls_are_refused_with_a_clear_message(workspace, ph
     path = tmp_path / "t.jsonl"
     with FakeLLM([prepare(photos), reply("I could not run it.")]) as llm:
         result = chat(workspace, llm.base_url, "prepare my photos", "--transcript", str(path))
-    assert result.exit_code == 0, result.output
-    assert "rerun with --yes" in said(result)
-    told = [m for m in llm.requests[1]["messages"] if m["role"] == "tool"]
-    assert told[0]["content"] == f"Cancelled by the user: {NO_TERMINAL}"
+        assert len(llm.requests) == 1, "refused for want of a terminal: the turn ends at once"
+    assert result.exit_code == 1, result.output  # the goal was not done
+    assert "Nothing ran: no terminal" in said(result) and "rerun with --yes" in said(result)
+    told = [e["message"]["content"] for e in transcript_events(path) if e["type"] == "approval"]
+    assert told == [f"Cancelled by the user: {NO_TERMINAL}"]
     assert not (tmp_path / "workspace" / "datasets").exists()
 
 
@@ -180,7 +181,7 @@ def test_a_piped_session_without_yes_never_waits_for_input(workspace, photos, tm
              "prepare my photos", "--base-url", llm.base_url, "--transcript", str(path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output = _wait(process)
-    assert process.returncode == 0, output
+    assert process.returncode == 1, output
     assert "rerun with --yes" in output
     approvals = [e for e in transcript_events(path) if e["type"] == "approval"]
     assert approvals[0]["decision"] == "refused"

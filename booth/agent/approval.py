@@ -4,8 +4,11 @@ The loop asks `policy.decide(tool, call_id, arguments, ctx)` before running any 
 arguments already passed the schema, and gets a `Decision`. Three policies:
 
 - `AutoApprove` (`--yes`): runs everything, still showing each call;
-- `RefuseAll(reason)`: nobody can be asked (no terminal, no `--yes`), so nothing runs;
-- `AskUser(ui, input)`: the person answers y / n / e / a at the terminal.
+- `RefuseAll(reason)`: nobody can be asked (no terminal, no `--yes`), so nothing runs and the
+  turn ends at the first call (asking the model again could only get refused again);
+- `AskUser(ui, input)`: the person answers y / n / e / a at the terminal. Ctrl-C there
+  (KeyboardInterrupt) ends the turn and Ctrl-D (EOFError) the session, as at the chat
+  prompt: both pass through to the loop.
 
 The input function is injectable so tests (and typer's CliRunner) can drive the prompts.
 """
@@ -34,6 +37,7 @@ class Decision:
     reason: str | None = None  # why it was refused (sent to the model), or how it was approved
     edited: bool = False
     always: bool = False
+    end_turn: bool = False  # refused, and asking the model again is pointless: stop the turn
 
     @property
     def label(self) -> str:
@@ -83,7 +87,7 @@ class RefuseAll:
     def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
         show_call(self.ui, tool, arguments, cost_line(tool, ctx, arguments))
         self.ui.refused(tool.name, self.reason)
-        return Decision("refuse", arguments, reason=self.reason)
+        return Decision("refuse", arguments, reason=self.reason, end_turn=True)
 
 
 class AskUser:
@@ -105,12 +109,7 @@ class AskUser:
         if tool.name in self.always:
             self.ui.info(f"approved: you chose to always run {tool.name} in this session")
             return Decision("run", arguments, reason="always (chosen earlier in this session)")
-        try:
-            return self._menu(tool, arguments, ctx)
-        except (EOFError, KeyboardInterrupt):
-            # The input ended (or the user pressed Ctrl-C at the prompt): nothing runs.
-            self.ui.refused(tool.name, "no answer")
-            return Decision("refuse", arguments, reason="no answer from the user")
+        return self._menu(tool, arguments, ctx)
 
     def _menu(self, tool, arguments: dict, ctx) -> Decision:
         edited = False

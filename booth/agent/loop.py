@@ -49,6 +49,10 @@ class TurnLimit(AgentStop):
     pass
 
 
+class SessionEnded(Exception):
+    """The user ended the session at a prompt (Ctrl-D, end of input); nothing is wrong."""
+
+
 class UserStopped(AgentStop):
     """A Ctrl-C stopped a tool at a safe point: the turn ends there and the person types
     next; the model reads of the stop (in the tool's answer) with that next message."""
@@ -124,6 +128,10 @@ class Session:
         except SessionAborted:
             self._answer_unanswered("the user aborted the session")
             raise
+        except EOFError:  # Ctrl-D at an approval prompt: the session ends, as at the chat prompt
+            self._answer_unanswered("the user ended the session")
+            self._record("interrupted", text="the user ended the session (Ctrl-D)")
+            raise SessionEnded from None
         except Terminated:
             self._answer_unanswered("booth was terminated (SIGTERM) before it ran")
             self._record("interrupted", text="terminated (SIGTERM): the session ends")
@@ -202,6 +210,8 @@ class Session:
             reason = f": {decision.reason}" if decision.reason else "."
             self._add("approval", self._tool_message(call_id, f"Cancelled by the user{reason}"),
                       **fields)
+            if decision.end_turn:
+                raise AgentStop(f"Nothing ran: {decision.reason}.")
             return
         self._record("approval", **fields)
         self._run_tool(tool, call_id, decision.arguments, edited=decision.edited)

@@ -104,7 +104,7 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
     from rich.console import Console
 
     from booth.agent.endpoint import OpenAIChatModel
-    from booth.agent.loop import SessionAborted
+    from booth.agent.loop import SessionAborted, SessionEnded
     from booth.agent.model import EndpointError
     from booth.agent.settings import resolve_settings
     from booth.agent.ui import ChatUI
@@ -135,6 +135,9 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
     except SessionAborted:
         ui.error(f"aborted. Finished checkpoints are kept; {resume_hint}")
         return 130
+    except SessionEnded:
+        ui.console.print()  # end the prompt's line
+        return 0
     except Terminated:
         fail(f"terminated (SIGTERM). The running tool stopped at a safe point (training "
              f"saved a checkpoint); {resume_hint}")

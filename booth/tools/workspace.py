@@ -86,9 +86,6 @@ COMPLETED = "completed"
 INTERRUPTED = "interrupted"
 TRAINING_OR_CRASHED = "training or crashed"
 NO_FINAL_MODEL = "no final model"
-# The run settings worth a line in `booth ls` and in the system prompt.
-RUN_FIELDS = ("instance_prompt", "class_prompt", "max_train_steps", "learning_rate", "use_lora",
-              "resolution")
 
 
 def describe_workspace(workspace: Workspace) -> dict:
@@ -209,15 +206,13 @@ def _run_status(folder: Path, config: dict | None, final: Path | None,
 
 def _run_config(path: Path) -> dict | None:
     """The run's settings worth showing, or None when run.yaml is missing or broken."""
-    import yaml
-
-    from booth.dreambooth.config import load_config
+    from booth.dreambooth.config import SUMMARY_FIELDS, ConfigError, load_config
 
     try:
         config = load_config(path)
-    except (OSError, ValueError, TypeError, yaml.YAMLError):  # ValueError: ConfigError, UTF-8
+    except (ConfigError, TypeError):  # unreadable, not YAML, unknown or odd fields
         return None
-    return {name: getattr(config, name) for name in RUN_FIELDS}
+    return {name: getattr(config, name) for name in SUMMARY_FIELDS}
 
 
 def _sample_set(folder: Path) -> dict:
