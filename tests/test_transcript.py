@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
+from booth.agent.events import EventError, make_event
 from booth.agent.transcript import (
     TranscriptError,
     TranscriptWriter,
@@ -20,23 +22,29 @@ from booth.agent.transcript import (
     retracted,
 )
 
+DATA = Path(__file__).parent / "data"
+
 
 def header(**extra):
     return make_header(model="m", endpoint="m at http://x/v1 (vllm), no key",
                        sampling={"temperature": 0.15}, tools=[], system_prompt="be nice", **extra)
 
 
+def add(writer, kind, **fields):
+    return writer.write(make_event(kind, **fields))
+
+
 def write_session(path):
     writer = TranscriptWriter.create(path, header())
-    writer.write("user", message={"role": "user", "content": "hi"})
+    add(writer, "user", message={"role": "user", "content": "hi"})
     sent = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "abcDEF123", "type": "function",
          "function": {"name": "sample", "arguments": "{}"}}]}
-    writer.write("assistant", content="", finish_reason="tool_calls", message=sent,
+    add(writer, "assistant", content="", finish_reason="tool_calls", message=sent,
                  tool_calls=[{"id": "call_1", "name": "sample", "arguments": "{oops"}])
-    writer.write("validation_error", call_id="abcDEF123", tool="sample", error="not JSON",
+    add(writer, "validation_error", call_id="abcDEF123", tool="sample", error="not JSON",
                  message={"role": "tool", "tool_call_id": "abcDEF123", "content": "Error: x"})
-    writer.write("notice", text="history shortened")
+    add(writer, "notice", text="history shortened")
     return writer
 
 
@@ -44,7 +52,7 @@ def test_header_then_events_round_trip_and_conversation_is_the_messages(tmp_path
     path = tmp_path / "t.jsonl"
     write_session(path).close()
     head, events = read_transcript(path)
-    assert head["format"] == "booth-transcript" and head["version"] == 1
+    assert head["format"] == "booth-transcript" and head["version"] == 2
     assert head["booth_version"] and head["created"] and head["system_prompt"] == "be nice"
     assert [e["type"] for e in events] == ["user", "assistant", "validation_error", "notice"]
     assert all("time" in e for e in events)
@@ -68,10 +76,11 @@ def test_a_killed_process_leaves_a_valid_transcript(tmp_path):
     path = tmp_path / "t.jsonl"
     code = (
         "import os, sys\n"
+        "from booth.agent.events import make_event\n"
         "from booth.agent.transcript import TranscriptWriter, make_header\n"
         "w = TranscriptWriter.create(sys.argv[1], make_header(model='m', endpoint='e', "
         "sampling={}, tools=[], system_prompt='s'))\n"
-        "w.write('user', message={'role': 'user', 'content': 'hi'})\n"
+        "w.write(make_event('user', message={'role': 'user', 'content': 'hi'}))\n"
         "w._file.write('{\"type\": \"assist')\n"  # a line torn mid-write
         "w._file.flush()\n"
         "os._exit(9)\n"
@@ -81,7 +90,7 @@ def test_a_killed_process_leaves_a_valid_transcript(tmp_path):
     assert [e["type"] for e in events] == ["user"]
     # Appending after the crash starts on a fresh line: the torn one is cut.
     writer = TranscriptWriter(path)
-    writer.write("notice", text="resumed")
+    add(writer, "notice", text="resumed")
     writer.close()
     assert [e["type"] for e in read_transcript(path)[1]] == ["user", "notice"]
 
@@ -89,7 +98,7 @@ def test_a_killed_process_leaves_a_valid_transcript(tmp_path):
 def test_line_separators_inside_strings_do_not_split_events(tmp_path):
     path = tmp_path / "t.jsonl"
     writer = TranscriptWriter.create(path, header())
-    writer.write("user", message={"role": "user", "content": "a\u2028b\u0085c"})
+    add(writer, "user", message={"role": "user", "content": "a\u2028b\u0085c"})
     writer.close()
     assert read_transcript(path)[1][0]["message"]["content"] == "a\u2028b\u0085c"
 
@@ -97,7 +106,7 @@ def test_line_separators_inside_strings_do_not_split_events(tmp_path):
 def test_secrets_are_masked_wherever_they_appear(tmp_path):
     path = tmp_path / "t.jsonl"
     writer = TranscriptWriter.create(path, header(), secrets=["sk-SECRET-123"])
-    writer.write("user", message={"role": "user", "content": "my key is sk-SECRET-123"})
+    add(writer, "user", message={"role": "user", "content": "my key is sk-SECRET-123"})
     writer.close()
     text = path.read_text()
     assert "sk-SECRET-123" not in text and "my key is ***" in text
@@ -147,11 +156,11 @@ def test_default_path_is_dated_slugged_and_never_reused(tmp_path):
 def test_a_retracted_message_leaves_the_conversation(tmp_path):
     path = tmp_path / "t.jsonl"
     writer = TranscriptWriter.create(path, header())
-    writer.write("user", message={"role": "user", "content": "hi"})
-    writer.write("assistant", content="Meh.", tool_calls=[],
+    add(writer, "user", message={"role": "user", "content": "hi"})
+    add(writer, "assistant", content="Meh.", tool_calls=[],
                  message={"role": "assistant", "content": "Meh."})
-    writer.write("retracted", text="the last answer was withdrawn for a retry")
-    writer.write("assistant", content="Hello!", tool_calls=[],
+    add(writer, "retracted", text="the last answer was withdrawn for a retry")
+    add(writer, "assistant", content="Hello!", tool_calls=[],
                  message={"role": "assistant", "content": "Hello!"})
     writer.close()
     _, events = read_transcript(path)
@@ -175,7 +184,7 @@ def _event_line(event: dict) -> list[str]:
         ({"type": "assistant", "tool_calls": [], "message": {"role": "assistant",
           "tool_calls": [{"id": "abcDEF123", "function": {"name": "x", "arguments": "{}"}}]}},
          r":2: assistant event: 'tool_calls' has 0 calls but 'message.tool_calls' has 1"),
-        ({"type": "validation_error", "call_id": "abcDEF123", "tool": "x",
+        ({"type": "validation_error", "call_id": "abcDEF123", "tool": "x", "error": "x",
           "message": {"role": "tool", "tool_call_id": "zzzzzzzzz", "content": "Error"}},
          r":2: validation_error event: 'message.tool_call_id' must equal 'call_id'"),
         ({"type": "tool_result", "call_id": "abcDEF123", "tool": "x",
@@ -192,3 +201,69 @@ def test_events_missing_fields_name_the_line_and_the_field(tmp_path, event, expe
     path.write_text("".join(line + "\n" for line in _event_line(event)))
     with pytest.raises(TranscriptError, match=expected):
         read_transcript(path)
+
+
+def test_the_writer_refuses_an_event_its_schema_refuses_and_writes_nothing(tmp_path):
+    path = tmp_path / "t.jsonl"
+    writer = TranscriptWriter.create(path, header())
+    before = path.read_text()
+    with pytest.raises(EventError, match=r"user event: 'message.content' must be a string"):
+        writer.write({"type": "user", "time": "now", "message": {"role": "user", "content": 5}})
+    with pytest.raises(EventError, match=r"tool_result event: 'ok' is missing"):
+        make_event("tool_result", call_id="abcDEF123", tool="x",
+                   message={"role": "tool", "tool_call_id": "abcDEF123", "content": "{}"})
+    with pytest.raises(EventError, match=r"tool_result event: 'error' is missing"):
+        make_event("tool_result", call_id="abcDEF123", tool="x", ok=False,
+                   message={"role": "tool", "tool_call_id": "abcDEF123", "content": "{}"})
+    writer.close()
+    assert path.read_text() == before
+
+
+def test_the_same_schema_checks_what_is_read(tmp_path):
+    """A line the writer would refuse is refused on reading, with its line and field."""
+    good = make_event("notice", text="x")
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(line + "\n" for line in [
+        json.dumps(header()), json.dumps(good), json.dumps({**good, "text": None})]))
+    with pytest.raises(TranscriptError, match=r"t\.jsonl:3: notice event: 'text' must be a "
+                                              r"string, not null"):
+        read_transcript(path)
+
+
+def test_content_parts_are_recorded_as_text(tmp_path):
+    parts = [{"type": "text", "text": "a photo "}, {"type": "text", "text": "of rex"}]
+    made = make_event("user", message={"role": "user", "content": parts})
+    assert made["message"]["content"] == "a photo of rex"
+    image = make_event("user", message={"role": "user", "content": [
+        {"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": "x"}}]})
+    assert image["message"]["content"] == "look: [image_url part left out]"
+
+
+def test_version_1_files_are_still_read(tmp_path):
+    """Version 1 allowed nulls, and booth 0.1 wrote content parts as they came."""
+    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
+    lines = [
+        {**header(), "version": 1},
+        {"type": "user", "time": "t", "message": {"role": "user", "content": parts}},
+        {"type": "assistant", "time": "t", "content": parts, "finish_reason": None,
+         "tool_calls": [], "message": {"role": "assistant", "content": parts}},
+        {"type": "approval", "call_id": "abcDEF123", "tool": "sample", "decision": "refused",
+         "arguments": {}, "edited": False, "reason": None,
+         "message": {"role": "tool", "tool_call_id": "abcDEF123", "content": "Cancelled."}},
+    ]
+    path = tmp_path / "v1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    head, events = read_transcript(path)
+    assert head["version"] == 1
+    assert [m["content"] for m in conversation(events)] == ["hi there", "hi there", "Cancelled."]
+    assert "reason" not in events[2] and "finish_reason" not in events[1]
+    (turn,) = assistant_turns(events)
+    assert turn.content == "hi there"
+
+
+def test_the_version_1_demo_transcript_is_still_read():
+    head, events = read_transcript(DATA / "demo-v1.jsonl")
+    assert head["version"] == 1
+    assert [e["tool"] for e in events if e["type"] == "tool_result"] == [
+        "prepare_dataset", "generate_priors", "train", "sample"]
+    assert conversation(events)[0]["content"].startswith("Teach the model my dog Rex")
