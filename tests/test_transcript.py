@@ -267,3 +267,54 @@ def test_the_version_1_demo_transcript_is_still_read():
     assert [e["tool"] for e in events if e["type"] == "tool_result"] == [
         "prepare_dataset", "generate_priors", "train", "sample"]
     assert conversation(events)[0]["content"].startswith("Teach the model my dog Rex")
+
+
+def test_content_parts_from_the_user_and_the_endpoint_are_written_read_replayed_resumed(
+        tmp_path, workspace):
+    """OpenAI allows content as a list of parts; what booth writes from it, booth reads."""
+    import io
+
+    from fakellm import FakeLLM
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from booth.agent.approval import AutoApprove
+    from booth.agent.endpoint import OpenAIChatModel
+    from booth.agent.loop import Session
+    from booth.agent.settings import EndpointSettings
+    from booth.agent.ui import ChatUI
+    from booth.cli import app
+    from booth.tools import ToolContext
+
+    parts = [{"type": "text", "text": "Rex is "}, {"type": "text", "text": "a fine dog."}]
+    answer = {"kind": "reply", "text": parts, "tool_calls": [], "finish_reason": "stop"}
+    path = tmp_path / "t.jsonl"
+    with FakeLLM([answer]) as llm:
+        settings = EndpointSettings(base_url=llm.base_url, model=llm.model, stream=False,
+                                    retry_backoff=0.01)
+        writer = TranscriptWriter.create(path, header())
+        ui = ChatUI(Console(file=io.StringIO(), width=120, color_system=None))
+        session = Session(OpenAIChatModel(settings), ToolContext.from_options(workspace=workspace),
+                          AutoApprove(ui=ui), system_prompt="s", transcript=writer, ui=ui)
+        assert session.send([{"type": "text", "text": "my dog "},
+                             {"type": "text", "text": "is Rex"}]) is True
+        writer.close()
+        assert llm.requests[0]["messages"][1]["content"] == "my dog is Rex"
+    _, events = read_transcript(path)
+    assert [m["content"] for m in conversation(events)] == ["my dog is Rex",
+                                                            "Rex is a fine dog."]
+    assert events[1]["content"] == "Rex is a fine dog."
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["--workspace", workspace, "replay", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert "my dog is Rex" in shown.output and "Rex is a fine dog." in shown.output
+    with FakeLLM([{**answer, "text": [{"type": "text", "text": "Still Rex."}]}]) as llm:
+        resumed = runner.invoke(app, ["--workspace", workspace, "chat", "his name?",
+                                      "--resume", str(path), "--base-url", llm.base_url,
+                                      "--no-stream"])
+        sent = llm.requests[0]["messages"]
+    assert resumed.exit_code == 0, resumed.output
+    assert [m["content"] for m in sent[1:]] == ["my dog is Rex", "Rex is a fine dog.",
+                                               "his name?"]
+    assert [m["content"] for m in conversation(read_transcript(path)[1])][-1] == "Still Rex."
