@@ -275,3 +275,27 @@ def test_demo_runs_offline_and_ends_with_sample_images(tmp_path, monkeypatch):
         with Image.open(sample) as image:
             image.load()
     assert (tmp_path / "demo" / "workspace" / "runs" / "rex-demo" / "final").is_dir()
+
+
+def test_a_huge_message_is_shown_shortened(tmp_path, workspace):
+    """A 5 M-character message replays; the replay shows its beginning and says how much
+    the transcript holds beyond it (benchmarks/bench_replay.py times it)."""
+    from booth.agent.events import make_event
+    from booth.agent.replay import SHOW_CHARS
+
+    big = "".join(f"w{i} " for i in range(1_000_000))[:5_000_000]
+    path = tmp_path / "big.jsonl"
+    writer = TranscriptWriter.create(path, make_header(model="m", endpoint="e", sampling={},
+                                                       tools=[], system_prompt="s"))
+    writer.write(make_event("user", message={"role": "user", "content": big}))
+    writer.write(make_event("assistant", content=big, tool_calls=[],
+                            message={"role": "assistant", "content": big}))
+    writer.close()
+    result = runner.invoke(app, ["--workspace", workspace, "replay", str(path)])
+    assert result.exit_code == 0, result.output
+    text = "".join(result.output.split())
+    more = f"[{len(big) - SHOW_CHARS}morecharactersinthetranscript]"
+    assert text.count(more) == 2
+    assert "".join(big[:SHOW_CHARS].split()) in text
+    assert "".join(big[SHOW_CHARS: SHOW_CHARS + 40].split()) not in text
+    assert len(result.output) < 4 * SHOW_CHARS

@@ -29,6 +29,9 @@ from booth.tools import ToolArgumentError
 _VOLATILE_KEY = re.compile(r"second|elapsed|time|speed|per_s|duration|created|date", re.I)
 _TIMESTAMP = re.compile(r"\d{8}-\d{6}|\d{4}-\d\d-\d\dT[\d:.+-]+")
 _FLOAT_TOLERANCE = 1e-6  # relative: a loss printed by another BLAS build may differ in its tail
+# What a replay prints of one text; the transcript keeps it all. rich's wrapping grows faster
+# than linearly with a text's length: a 10 M-character message took 26 s to show, whole.
+SHOW_CHARS = 4000
 
 
 @dataclass
@@ -258,7 +261,14 @@ def show_user(ui: ChatUI, text: str) -> None:
     ui.end_text()
     ui.console.print()
     ui.console.print("[bold magenta]you>[/] ", end="", highlight=False)
-    ui.console.print(text, markup=False, highlight=False)
+    ui.console.print(shortened(text), markup=False, highlight=False)
+
+
+def shortened(text: str, limit: int = SHOW_CHARS) -> str:
+    """`text` as a replay shows it: its beginning, and how much more the transcript holds."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{len(text) - limit} more characters in the transcript]"
 
 
 def show(path: str | Path, ui: ChatUI) -> None:
@@ -276,14 +286,14 @@ def _show_event(ui: ChatUI, event: dict) -> None:
     if kind == "user":
         show_user(ui, event["message"]["content"])
     elif kind == "assistant" and event.get("content"):
-        ui.text(event["content"])
+        ui.text(shortened(event["content"]))
         ui.end_text()
     elif kind == "validation_error":
-        ui.invalid_call(event["tool"], event["error"])
+        ui.invalid_call(event["tool"], shortened(event["error"]))
     elif kind == "approval":
         _show_recorded_call(ui, event["tool"], event["arguments"])
         if event["decision"] == "refused":
-            ui.refused(event["tool"], event.get("reason"))
+            ui.refused(event["tool"], shortened(event.get("reason") or ""))
         else:
             how = f" ({event['reason']})" if event.get("reason") else ""
             ui.info(f"{event['decision']}{how}")
@@ -291,11 +301,11 @@ def _show_event(ui: ChatUI, event: dict) -> None:
         if event["ok"]:
             ui.tool_result(event["tool"], event.get("result"), event.get("seconds", 0))
         else:
-            ui.tool_error(event["tool"], event["error"])
+            ui.tool_error(event["tool"], shortened(event["error"]))
     elif kind == "endpoint_error":
-        ui.error(event["error"])
+        ui.error(shortened(event["error"]))
     elif kind in ("notice", "interrupted", "retracted"):
-        ui.notice(event["text"])
+        ui.notice(shortened(event["text"]))
     elif kind == "resumed":
         ui.info("(the session was resumed here)")
 
