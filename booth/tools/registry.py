@@ -168,13 +168,31 @@ class Tool:
 
 
 def _describe_error(error: jsonschema.ValidationError) -> str:
-    where = ".".join(str(p) for p in error.absolute_path)
+    """One schema error in words, quoting at most an excerpt of the value: the text goes to
+    the model, the terminal and the transcript, and a value may be a megabyte long."""
+    where = ".".join(_excerpt(p) if isinstance(p, str) else str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        return f"unknown field(s) {', '.join(map(repr, extra))}"
+        return f"unknown field(s) {', '.join(_excerpt(name, quote=True) for name in extra)}"
     if error.validator == "required":
         return error.message.replace("is a required property", "is required")
-    return f"{where}: {error.message}" if where else error.message
+    message = error.message
+    whole = repr(error.instance)
+    if len(whole) > _QUOTE_CHARS:  # jsonschema's messages quote the value as its repr
+        message = message.replace(whole, _excerpt(error.instance, quote=True), 1)
+    return f"{where}: {message}" if where else message
+
+
+_QUOTE_CHARS = 60  # of a value quoted in an error
+
+
+def _excerpt(value: Any, quote: bool = False) -> str:
+    """`value` (repr'd when `quote`) cut to its first characters, saying how long it was."""
+    text = repr(value) if quote else str(value)
+    if len(text) <= _QUOTE_CHARS:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} as written"
+    return f"{text[:_QUOTE_CHARS]}… ({size})"
 
 
 def tool(function: Callable[..., dict]) -> Tool:
