@@ -318,3 +318,30 @@ def test_content_parts_from_the_user_and_the_endpoint_are_written_read_replayed_
     assert [m["content"] for m in sent[1:]] == ["my dog is Rex", "Rex is a fine dog.",
                                                "his name?"]
     assert [m["content"] for m in conversation(read_transcript(path)[1])][-1] == "Still Rex."
+
+
+def test_an_answer_of_odd_types_from_a_server_is_recorded_as_text(tmp_path, workspace):
+    """What a server sends is data: content parts, a reason that is a number, a call's name
+    that is no string; the transcript stays valid and the call fails validation."""
+    import io
+
+    from rich.console import Console
+
+    from booth.agent.approval import AutoApprove
+    from booth.agent.loop import Session
+    from booth.agent.model import AssistantTurn, ScriptedModel, ToolCall
+    from booth.agent.ui import ChatUI
+    from booth.tools import ToolContext
+
+    odd = AssistantTurn([{"type": "text", "text": "Trying."}], [ToolCall(None, 7, None)], 3)
+    path = tmp_path / "t.jsonl"
+    writer = TranscriptWriter.create(path, header())
+    ui = ChatUI(Console(file=io.StringIO()))
+    Session(ScriptedModel([odd, AssistantTurn("Done.")]), ToolContext.from_options(
+        workspace=workspace), AutoApprove(ui=ui), system_prompt="s", transcript=writer,
+        ui=ui).send("go")
+    writer.close()
+    _, events = read_transcript(path)
+    assert [e["type"] for e in events] == ["user", "assistant", "validation_error", "assistant"]
+    assert events[1]["content"] == "Trying." and events[1]["finish_reason"] == "3"
+    assert events[1]["tool_calls"][0]["name"] == "7"

@@ -102,9 +102,11 @@ def tool_answer(kind: str, call_id: str, content: str, **fields: Any) -> dict[st
 def text_content(content: Any) -> str | None:
     """A message content as text. OpenAI allows a list of parts ([{"type": "text", "text":
     ...}]); booth records and sends text only, so text parts are joined and any other part
-    is named in brackets."""
-    if not isinstance(content, list):
+    is named in brackets (anything else a server might send is written as JSON)."""
+    if content is None or isinstance(content, str):
         return content
+    if not isinstance(content, list):  # from a server, so data: never a crash
+        return json.dumps(content, ensure_ascii=False, default=str)
     texts = []
     for part in content:
         if isinstance(part, str):

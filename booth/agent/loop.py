@@ -9,7 +9,6 @@ Control flow that ends a user turn early is a small exception carrying its messa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -49,6 +48,19 @@ class SessionAborted(KeyboardInterrupt):
 
     A KeyboardInterrupt, so that a tool's `except Exception` cannot swallow it.
     """
+
+
+def _as_text(turn: AssistantTurn) -> AssistantTurn:
+    """The turn as booth sends it back and records it: a server may answer with content
+    parts, or with names and reasons that are no text; what it sent is data, never a crash."""
+    def text(value):
+        return value if isinstance(value, str) else "" if value is None else str(value)
+
+    calls = [ToolCall(text(c.id), text(c.name),
+                      c.arguments if isinstance(c.arguments, dict) else text(c.arguments))
+             for c in turn.tool_calls]
+    reason = None if turn.finish_reason is None else text(turn.finish_reason)
+    return AssistantTurn(text_content(turn.content) or "", calls, reason)
 
 
 class Session:
@@ -149,8 +161,7 @@ class Session:
             self._last_notice = notice
         turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text)
         self.ui.end_text()
-        # Some servers answer with content parts: the turn is text from here on.
-        turn = dataclasses.replace(turn, content=text_content(turn.content) or "")
+        turn = _as_text(turn)
         sent = wire.assistant_message(turn, self._used_ids())
         raw_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                      for c in turn.tool_calls]
