@@ -39,11 +39,12 @@ _CALL = {"call_id": _TEXT, "tool": _TEXT}
 _ABSENT = {"not": {}}  # not `false`: jsonschema names the field of a "not" error, not of false
 
 
-def _schema(required: dict, optional: dict | None = None, **rules) -> dict:
+def _schema(required: dict, optional: dict | None = None, rules: dict | None = None) -> dict:
     """An event type's schema. Fields not named are allowed (a "resumed" event carries the
     new header), except "message" on a type that adds none to the conversation."""
     properties = {"type": _TEXT, "time": _TEXT, "message": _ABSENT, **required, **(optional or {})}
-    return {"type": "object", "required": list(required), "properties": properties, **rules}
+    return {"type": "object", "required": list(required), "properties": properties,
+            **(rules or {})}
 
 
 SCHEMAS: dict[str, dict] = {
@@ -62,16 +63,14 @@ SCHEMAS: dict[str, dict] = {
                            {"arguments": {"type": "object"}, "error": _TEXT,
                             "seconds": {"type": "number"}, "traceback": _TEXT},
                            # a failure always says why
-                           **{"if": {"required": ["ok"], "properties": {"ok": {"const": False}}},
-                              "then": {"required": ["error"]}}),
+                           {"if": {"required": ["ok"], "properties": {"ok": {"const": False}}},
+                            "then": {"required": ["error"]}}),
     "endpoint_error": _schema({"error": _TEXT}),
     "notice": _schema({"text": _TEXT}, {"call_id": _TEXT}),
     "interrupted": _schema({"text": _TEXT}, {"call_id": _TEXT}),
     "retracted": _schema({"text": _TEXT}),
     "resumed": _schema({}),
 }
-EVENT_TYPES = set(SCHEMAS)
-
 
 
 def timestamp() -> str:

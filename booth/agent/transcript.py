@@ -48,6 +48,7 @@ FORMAT = "booth-transcript"
 VERSION = 2  # 2: every field booth always writes is required, contents are text, no nulls
 READABLE_VERSIONS = (1, 2)
 
+
 class TranscriptError(Exception):
     """A transcript file cannot be read; the message names the file and the line."""
 
@@ -211,9 +212,10 @@ def _check_header(path: Path, number: int, header: dict) -> None:
             f"{path}:{number}: the first line must be a {FORMAT} header "
             "(is this a booth transcript?)"
         )
-    if header.get("version") not in READABLE_VERSIONS:
+    version = header.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not True, not 1.0
         raise TranscriptError(
-            f"{path}:{number}: transcript version {header.get('version')!r} is not supported "
+            f"{path}:{number}: transcript version {version!r} is not supported "
             f"(this booth reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     if not isinstance(header.get("system_prompt", ""), str):
