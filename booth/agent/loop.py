@@ -23,7 +23,7 @@ from booth.agent.history import estimate_tokens, fit_history
 from booth.agent.model import AssistantTurn, ChatModel, EndpointError, ToolCall, TurnEnded
 from booth.agent.transcript import TranscriptWriter, open_for_resume, unanswered_calls
 from booth.agent.ui import ChatUI
-from booth.tools import TOOLS, ToolArgumentError, ToolError, parse_arguments
+from booth.tools import TOOLS, ToolArgumentError, ToolError, get_tool, parse_arguments
 
 log = logging.getLogger("booth.agent")
 
@@ -193,7 +193,7 @@ class Session:
 
     def _handle(self, call: ToolCall, call_id: str) -> None:
         try:
-            tool = self._lookup(call.name)
+            tool = get_tool(call.name, self.tools)
             arguments = tool.validate(parse_arguments(call.arguments))
         except ToolArgumentError as error:
             self.invalid_in_row += 1
@@ -212,17 +212,12 @@ class Session:
         self._record("approval", call_id=call_id, **fields)
         self._run_tool(tool, call_id, decision.arguments, edited=decision.edited)
 
-    def _lookup(self, name: str):
-        if name not in self.tools:
-            raise ToolArgumentError(f"unknown tool {name!r}; available: {', '.join(self.tools)}")
-        return self.tools[name]
-
     def _run_tool(self, tool, call_id: str, arguments: dict, edited: bool = False) -> None:
         outcome: dict[str, Any] = {"ok": True}
         start = time.monotonic()
         try:
             with self.ctx.interruptible(SessionAborted, "abort the session"):
-                outcome["result"] = tool.run(self.ctx, arguments)
+                outcome["result"] = tool.call(self.ctx, arguments)  # validated in _handle
         except ToolError as error:
             outcome = {"ok": False, "error": str(error)}
         except KeyboardInterrupt:  # the second Ctrl-C: answer the call, then end the session

@@ -15,11 +15,13 @@ TOOLS: dict[str, Tool] = {
 }
 
 
-def get_tool(name: str) -> Tool:
-    """The tool called `name`, or a ToolArgumentError listing the ones that exist."""
-    if name not in TOOLS:
-        raise ToolArgumentError(f"unknown tool {name!r}; available: {', '.join(TOOLS)}")
-    return TOOLS[name]
+def get_tool(name: str, tools: dict[str, Tool] = TOOLS) -> Tool:
+    """The tool called `name` in `tools`, or a ToolArgumentError listing the ones there are."""
+    if name not in tools:
+        from booth.schema import excerpt
+
+        raise ToolArgumentError(f"unknown tool {excerpt(name)}; available: {', '.join(tools)}")
+    return tools[name]
 
 
 __all__ = [

@@ -5,16 +5,22 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from booth.dreambooth.config import DEFAULT_BASE_MODEL
 from booth.tools.workspace import Workspace
 
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+def _load_inference_pipeline(base_model: str):
+    from booth.dreambooth.loading import load_inference_pipeline
+
+    return load_inference_pipeline(base_model)
 
 
 @dataclass
@@ -26,6 +32,9 @@ class ToolContext:
     # Set by the first Ctrl-C: long tools stop at a safe point (training saves a checkpoint)
     # and return normally, reporting that they were interrupted.
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    # base model -> a pipeline to generate images with (class images, samples of the base
+    # model). A test passes a counting or pre-built one here.
+    load_pipeline: Callable[[str], Any] = _load_inference_pipeline
 
     @classmethod
     def from_options(cls, workspace: str | None = None, base_model: str | None = None,

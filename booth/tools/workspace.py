@@ -17,13 +17,14 @@ from pathlib import Path
 from booth.tools.registry import ToolError
 
 DEFAULT_WORKSPACE = "booth-workspace"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# No '..' anywhere: the name must never climb out of its folder.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN[1:-1])  # fullmatch: `$` would let a trailing newline in
 
 
 def check_name(name: str, what: str = "name") -> str:
     """A dataset or run name the model or user chose; never a path."""
-    if not _NAME_RE.fullmatch(name) or ".." in name:
+    if not _NAME_RE.fullmatch(name):
         raise ToolError(
             f"{what} {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no slashes, no '..')"
@@ -53,6 +54,14 @@ class Workspace:
 
     def run_dir(self, name: str) -> Path:
         return self._child("runs", name, "run name")
+
+    def existing_run(self, name: str) -> Path:
+        """The folder of training run `name`, which must exist (it holds run.yaml)."""
+        folder = self.run_dir(name)
+        if not (folder / "run.yaml").is_file():
+            known = ", ".join(self.names("runs")) or "none yet"
+            raise ToolError(f"no training run {name!r} (runs in the workspace: {known})")
+        return folder
 
     def samples_dir(self, name: str) -> Path:
         return self._child("samples", name, "sample set")
