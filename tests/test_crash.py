@@ -83,3 +83,79 @@ def test_naming_a_checkpoint_of_a_run_that_has_none_says_so(killed_early, tmp_pa
             get_tool("resume_checkpoint").run(ctx, {"run": "early", "checkpoint": "5"})
     finally:
         (tmp_path / "saved").rename(early / "checkpoints")
+
+
+def booth(workspace: Path, base_model: str, *args: str, **popen) -> subprocess.Popen:
+    """A real `booth` process (its own signal handlers, its own exit code)."""
+    command = [sys.executable, "-m", "booth.cli", "-w", str(workspace), "--base-model",
+               base_model, *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ), **popen)
+
+
+TRAIN_LONG = ["dataset=rex", "max_train_steps=400", "learning_rate=1e-4", "prior_loss_weight=0",
+              "checkpointing_steps=1000", "report_to=none", "run_name=long"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_booth_call_train_at_a_fresh_checkpoint_and_exits_143(
+        tmp_path, tiny_model):
+    make_workspace(tmp_path)
+    run_dir = tmp_path / "runs" / "long"
+    child = booth(tmp_path, tiny_model, "call", "train", *TRAIN_LONG)
+    wait_for(child, lambda: metric_lines(run_dir) >= 3, "three logged steps")
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err[-2000:]
+    result = json.loads(out)
+    assert result["status"] == "interrupted" and result["steps"] < 400
+    # The checkpoint is the step it stopped at: nothing trained is lost.
+    assert result["checkpoints"] == [f"checkpoint-{result['steps']}"]
+    assert metric_lines(run_dir) == result["steps"]
+    text = " ".join(err.split())
+    assert "terminated (SIGTERM)" in text and "resume_checkpoint(run='long')" in text
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_chat_tool_saves_the_run_records_it_and_says_how_to_resume(
+        tmp_path, tiny_model):
+    from fakellm import FakeLLM, call
+
+    from booth.agent.transcript import read_transcript
+
+    make_workspace(tmp_path)
+    arguments = dict(word.split("=", 1) for word in TRAIN_LONG)
+    arguments = {k: json.loads(v) if v[0].isdigit() or v in ("true", "false") or "e-" in v
+                 else v for k, v in arguments.items()}
+    transcript = tmp_path / "session.jsonl"
+    with FakeLLM([call("train", arguments)]) as llm:
+        child = booth(tmp_path, tiny_model, "chat", "-y", "--base-url", llm.base_url,
+                      "--transcript", str(transcript), "train it", stdin=subprocess.DEVNULL)
+        wait_for(child, lambda: metric_lines(tmp_path / "runs" / "long") >= 3, "training")
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err[-2000:]
+    assert f"booth chat --resume {transcript}" in " ".join(err.split())
+    _, events = read_transcript(transcript)
+    (result,) = [e for e in events if e["type"] == "tool_result"]
+    assert result["ok"] and result["result"]["status"] == "interrupted"
+    assert result["message"]["content"].startswith("booth was terminated (SIGTERM)")
+    assert [e["text"] for e in events if e["type"] == "interrupted"] == [
+        "SIGTERM: tool asked to stop", "terminated (SIGTERM): the session ends"]
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_the_model_exits_143_with_the_transcript(
+        tmp_path, tiny_model):
+    from fakellm import FakeLLM, hang
+
+    transcript = tmp_path / "session.jsonl"
+    with FakeLLM([hang(10)]) as llm:
+        child = booth(tmp_path, tiny_model, "chat", "-y", "--base-url", llm.base_url,
+                      "--transcript", str(transcript), "hello", stdin=subprocess.DEVNULL)
+        wait_for(child, lambda: llm.requests, "a request to the model")
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err[-2000:]
+    assert f"--resume {transcript}" in " ".join(err.split())
+    assert "Traceback" not in err
