@@ -184,9 +184,11 @@ class Session:
                 self.ui.notice(notice)
                 self._record("notice", text=notice)
             self._last_notice = notice
-        turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text)
+        turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text,
+                                   on_status=self.ui.status)
         self.ui.end_text()
         turn = _as_text(turn)
+        # The one place call ids are made valid and unique; calls are answered with these.
         sent = wire.assistant_message(turn, self._used_ids())
         raw_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                      for c in turn.tool_calls]
@@ -195,10 +197,7 @@ class Session:
         return turn, sent
 
     def _used_ids(self) -> set[str]:
-        used = {m["tool_call_id"] for m in self.messages if m.get("tool_call_id")}
-        for message in self.messages:
-            used.update(c["id"] for c in message.get("tool_calls") or [])
-        return used
+        return wire.used_call_ids(self.messages)
 
     # -- tool calls -----------------------------------------------------------------------
     def _execute(self, calls: list[ToolCall], ids: list[str]) -> None:

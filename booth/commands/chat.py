@@ -49,6 +49,10 @@ def chat(
     timeout: Annotated[float | None, typer.Option(
         help="Seconds to wait for a byte from the server before giving up",
         show_default=f"{_DEFAULTS['timeout']:g}", rich_help_panel=_ENDPOINT)] = None,
+    first_token_timeout: Annotated[float | None, typer.Option(
+        help="Seconds, all retries together, to wait for an answer to begin (a whole answer "
+        "with --no-stream) before booth says the endpoint hangs",
+        show_default=f"{_DEFAULTS['first_token_timeout']:g}", rich_help_panel=_ENDPOINT)] = None,
     temperature: Annotated[float | None, typer.Option(
         help="Randomness of the answers: low keeps tool calls precise (the default is "
         "Mistral's advice for Small 3.2)", show_default=f"{_DEFAULTS['temperature']:g}",
@@ -83,7 +87,8 @@ def chat(
     Example: booth chat "teach the model my dog from ./photos/rex, show him on the moon"
     """
     options = dict(base_url=base_url, model=model, api_key=api_key, provider=provider,
-                   context_window=context_window, timeout=timeout, temperature=temperature,
+                   context_window=context_window, timeout=timeout,
+                   first_token_timeout=first_token_timeout, temperature=temperature,
                    top_p=top_p, max_tokens=max_tokens, frequency_penalty=frequency_penalty,
                    presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
                    stream=False if no_stream else None)
@@ -114,7 +119,7 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
         goal = sys.stdin.read().strip() if sys.stdin is not None else ""
         if not goal:
             raise fail("no goal: give it as an argument (booth chat \"...\") or on stdin", 2)
-    ui = ChatUI(Console(highlight=False))
+    ui = ChatUI(Console(highlight=False), secrets=settings.secrets())
     read = shared.reader(ui)
     policy = shared.choose_policy(ui, yes=yes, interactive=interactive)
     session = _open_session(ctx, settings, OpenAIChatModel(settings), policy, ui, goal,
@@ -144,7 +149,6 @@ def _open_session(ctx, settings, model, policy, ui, goal, transcript, resume):
     """A new session writing a new transcript, or one resumed from `resume`."""
     from booth.agent.loop import Session
     from booth.agent.prompt import build_system_prompt
-    from booth.agent.settings import LOCAL_KEY
     from booth.agent.transcript import TranscriptError, TranscriptWriter, default_path
 
     system_prompt = build_system_prompt(ctx)
@@ -153,9 +157,9 @@ def _open_session(ctx, settings, model, policy, ui, goal, transcript, resume):
                                    sampling=sampling, system_prompt=system_prompt)
     options = dict(ui=ui, context_window=settings.context_window,
                    reserve_tokens=settings.reply_reserve)
-    # Only a real key: the placeholder sent to local servers ("EMPTY") is no secret, and
-    # masking it would hide that word wherever the conversation used it.
-    secrets = [settings.api_key] if settings.api_key != LOCAL_KEY else []
+    # The key and any user:password of the URL; never the placeholder sent to local servers
+    # ("EMPTY"): masking it would hide that word wherever the conversation used it.
+    secrets = settings.secrets()
     try:
         if resume is not None:
             return Session.from_transcript(resume, model, ctx, policy, header=header,
