@@ -18,6 +18,7 @@ from booth.agent.transcript import (
     conversation,
     default_path,
     make_header,
+    open_for_resume,
     read_transcript,
     retracted,
 )
@@ -261,12 +262,29 @@ def test_version_1_files_are_still_read(tmp_path):
     assert turn.content == "hi there"
 
 
-def test_the_version_1_demo_transcript_is_still_read():
+def test_the_version_1_demo_transcript_is_still_read_shown_and_resumed(tmp_path, workspace):
+    from typer.testing import CliRunner
+
+    from booth.cli import app
+
     head, events = read_transcript(DATA / "demo-v1.jsonl")
     assert head["version"] == 1
     assert [e["tool"] for e in events if e["type"] == "tool_result"] == [
         "prepare_dataset", "generate_priors", "train", "sample"]
     assert conversation(events)[0]["content"].startswith("Teach the model my dog Rex")
+    shown = CliRunner().invoke(app, ["--workspace", workspace, "replay",
+                                     str(DATA / "demo-v1.jsonl")])
+    assert shown.exit_code == 0, shown.output
+    assert "invalid call to train" in " ".join(shown.output.split())
+    # Resumed in place it keeps its version-1 header; into a new file it becomes version 2.
+    old = tmp_path / "old.jsonl"
+    old.write_bytes((DATA / "demo-v1.jsonl").read_bytes())
+    open_for_resume(old, header())[0].close()
+    open_for_resume(old, header(), tmp_path / "new.jsonl")[0].close()
+    for path, version in ((old, 1), (tmp_path / "new.jsonl", 2)):
+        head, resumed = read_transcript(path)
+        assert head["version"] == version
+        assert conversation(resumed) == conversation(events)
 
 
 def test_content_parts_from_the_user_and_the_endpoint_are_written_read_replayed_resumed(
