@@ -162,6 +162,7 @@ def test_an_oversized_argument_is_shortened_and_every_user_message_kept():
     json.dumps({"prompts": ["a dog " * 100] * 5000}),  # long list of long strings
     json.dumps({f"k{i}": i for i in range(20000)}),  # long object: a note instead
     "not json at all " * 100,
+    '{"a": ' * 100_000 + "1" + "}" * 100_000,  # nested deeper than Python recurses
 ])
 def test_shortened_arguments_are_always_a_short_json_object(arguments):
     short = shorten_arguments(arguments)

@@ -128,12 +128,11 @@ def shorten_arguments(text: str) -> str:
     object that stays long, or a text that is no JSON object, becomes a note saying so."""
     try:
         value = json.loads(text)
-    except ValueError:
-        value = None
-    if isinstance(value, dict):
-        short = json.dumps(_cut(value), ensure_ascii=False)
-        if len(short) <= 4 * SHORTEN_ABOVE:
-            return short
+        short = json.dumps(_cut(value), ensure_ascii=False) if isinstance(value, dict) else ""
+    except (ValueError, RecursionError):  # a model can nest thousands of levels deep
+        short = ""
+    if short and len(short) <= 4 * SHORTEN_ABOVE:
+        return short
     return json.dumps({"booth_note": f"arguments shortened: {len(text)} chars"})
 
 
