@@ -128,7 +128,10 @@ def test_execute_without_a_terminal_or_yes_runs_nothing_and_fails(recorded, tmp_
     assert result.exit_code == 1, result.output
     assert "0 of 2 tool results match the recording; 2 not run" in text
     missing = text.split("Recorded calls that did not run in the replay:")[1]
-    assert missing.count("not run: refused") == 2
+    # The first is refused for want of a terminal, which ends the turn: the second is not
+    # even reached.
+    assert missing.count("not run: refused") == 1
+    assert "generate_priors (Priors002): not run" in missing
     assert "prepare_dataset (" in missing and "generate_priors (" in missing
     assert "sample (" not in missing
 
@@ -275,3 +278,27 @@ def test_demo_runs_offline_and_ends_with_sample_images(tmp_path, monkeypatch):
         with Image.open(sample) as image:
             image.load()
     assert (tmp_path / "demo" / "workspace" / "runs" / "rex-demo" / "final").is_dir()
+
+
+def test_a_huge_message_is_shown_shortened(tmp_path, workspace):
+    """A 5 M-character message replays; the replay shows its beginning and says how much
+    the transcript holds beyond it (benchmarks/bench_replay.py times it)."""
+    from booth.agent.events import make_event
+    from booth.agent.replay import SHOW_CHARS
+
+    big = "".join(f"w{i} " for i in range(1_000_000))[:5_000_000]
+    path = tmp_path / "big.jsonl"
+    writer = TranscriptWriter.create(path, make_header(model="m", endpoint="e", sampling={},
+                                                       tools=[], system_prompt="s"))
+    writer.write(make_event("user", message={"role": "user", "content": big}))
+    writer.write(make_event("assistant", content=big, tool_calls=[],
+                            message={"role": "assistant", "content": big}))
+    writer.close()
+    result = runner.invoke(app, ["--workspace", workspace, "replay", str(path)])
+    assert result.exit_code == 0, result.output
+    text = "".join(result.output.split())
+    more = f"[{len(big) - SHOW_CHARS}morecharactersinthetranscript]"
+    assert text.count(more) == 2
+    assert "".join(big[:SHOW_CHARS].split()) in text
+    assert "".join(big[SHOW_CHARS: SHOW_CHARS + 40].split()) not in text
+    assert len(result.output) < 4 * SHOW_CHARS

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from booth.agent import wire
+from booth.agent.events import make_event, text_content, tool_answer
 from booth.agent.history import estimate_tokens, fit_history
 from booth.agent.model import AssistantTurn, ChatModel, EndpointError, ToolCall, TurnEnded
 from booth.agent.transcript import TranscriptWriter, open_for_resume, unanswered_calls
@@ -65,6 +66,19 @@ class SessionAborted(KeyboardInterrupt):
     """
 
 
+def _as_text(turn: AssistantTurn) -> AssistantTurn:
+    """The turn as booth sends it back and records it: a server may answer with content
+    parts, or with names and reasons that are no text; what it sent is data, never a crash."""
+    def text(value):
+        return value if isinstance(value, str) else "" if value is None else str(value)
+
+    calls = [ToolCall(text(c.id), text(c.name),
+                      c.arguments if isinstance(c.arguments, dict) else text(c.arguments))
+             for c in turn.tool_calls]
+    reason = None if turn.finish_reason is None else text(turn.finish_reason)
+    return AssistantTurn(text_content(turn.content) or "", calls, reason)
+
+
 class Session:
     """One conversation: the messages, the model, the approval policy and the transcript."""
 
@@ -96,15 +110,31 @@ class Session:
         return [tool.openai_spec() for tool in self.tools.values()]
 
     # -- a user turn ----------------------------------------------------------------------
-    def send(self, text: str) -> bool:
+    def send(self, text: str | list) -> bool:
         """Add the user's message and run the model until it answers without tool calls.
 
+        `text` may also be OpenAI content parts; they are sent and recorded as one text.
         Returns False when the turn ended early (endpoint error, too many invalid calls,
         too many model turns, Ctrl-C); the session goes on. SIGTERM (Terminated) and a
         second Ctrl-C (SessionAborted) end the session: they propagate, after the history
         has been made valid again and the end recorded.
         """
-        self._add("user", {"role": "user", "content": text})
+        self._add("user", {"role": "user", "content": text_content(text)})
+        return self.run()
+
+    def retry(self) -> bool:
+        """Ask the model again for the last turn (/retry). A turn that ended early goes on
+        from where it stopped; a final answer is withdrawn first (a "retracted" event, so
+        that --resume and replay leave it out) and asked for anew. False when there is
+        nothing to retry or the turn ended early again."""
+        last = self.messages[-1] if self.messages else None
+        if last is None or (last["role"] == "assistant" and last.get("tool_calls")):
+            self.ui.info("nothing to retry yet: type a message")
+            return False
+        if last["role"] == "assistant":
+            self.messages.pop()
+            self._record("retracted", text="the last answer was withdrawn for a retry")
+            self.ui.info("(the last answer is withdrawn; asking the model again)")
         return self.run()
 
     def run(self) -> bool:
@@ -165,6 +195,7 @@ class Session:
         turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text,
                                    on_status=self.ui.status)
         self.ui.end_text()
+        turn = _as_text(turn)
         # The one place call ids are made valid and unique; calls are answered with these.
         sent = wire.assistant_message(turn, self._used_ids())
         raw_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
@@ -204,16 +235,15 @@ class Session:
             return
         self.invalid_in_row = 0
         decision = self.policy.decide(tool, call_id, arguments, self.ctx)
-        fields = dict(call_id=call_id, tool=tool.name, decision=decision.label,
-                      arguments=decision.arguments, edited=decision.edited, reason=decision.reason)
+        fields = dict(tool=tool.name, decision=decision.label, arguments=decision.arguments,
+                      edited=decision.edited, reason=decision.reason)
         if decision.action != "run":
             reason = f": {decision.reason}" if decision.reason else "."
-            self._add("approval", self._tool_message(call_id, f"Cancelled by the user{reason}"),
-                      **fields)
+            self._answer(call_id, f"Cancelled by the user{reason}", "approval", **fields)
             if decision.end_turn:
                 raise AgentStop(f"Nothing ran: {decision.reason}.")
             return
-        self._record("approval", **fields)
+        self._record("approval", call_id=call_id, **fields)
         self._run_tool(tool, call_id, decision.arguments, edited=decision.edited)
 
     def _run_tool(self, tool, call_id: str, arguments: dict, edited: bool = False) -> None:
@@ -267,22 +297,27 @@ class Session:
                               "(the model will be told it stopped).")
 
     # -- messages and transcript ------------------------------------------------------------
-    @staticmethod
-    def _tool_message(call_id: str, content: str) -> dict:
-        return {"role": "tool", "tool_call_id": call_id, "content": content}
-
     def _answer(self, call_id: str, content: str, kind: str, **fields: Any) -> dict:
-        return self._add(kind, self._tool_message(call_id, content), call_id=call_id, **fields)
+        """Answer the call `call_id` with a tool message, recorded as a `kind` event."""
+        return self._keep(tool_answer(kind, call_id, content, **fields))
 
     def _add(self, kind: str, message: dict, **fields: Any) -> dict:
         """Append a message to the conversation and record it with its event."""
-        self.messages.append(message)
-        return self._record(kind, message=message, **fields)
+        return self._keep(make_event(kind, message=message, **fields))
+
+    def _keep(self, event: dict) -> dict:
+        # The event's message, not the one given: the event holds it as text.
+        self.messages.append(event["message"])
+        return self._write(event)
 
     def _record(self, kind: str, **fields: Any) -> dict:
-        if self.transcript is None:
-            return {"type": kind, **fields}
-        return self.transcript.write(kind, **fields)
+        """Record an event that adds nothing to the conversation."""
+        return self._write(make_event(kind, **fields))
+
+    def _write(self, event: dict) -> dict:
+        if self.transcript is not None:
+            self.transcript.write(event)
+        return event
 
     # -- resuming -------------------------------------------------------------------------
     @classmethod

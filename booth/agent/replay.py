@@ -29,6 +29,9 @@ from booth.tools import ToolArgumentError
 _VOLATILE_KEY = re.compile(r"second|elapsed|time|speed|per_s|duration|created|date", re.I)
 _TIMESTAMP = re.compile(r"\d{8}-\d{6}|\d{4}-\d\d-\d\dT[\d:.+-]+")
 _FLOAT_TOLERANCE = 1e-6  # relative: a loss printed by another BLAS build may differ in its tail
+# What a replay prints of one text; the transcript keeps it all. rich's wrapping grows faster
+# than linearly with a text's length: a 10 M-character message took 26 s to show, whole.
+SHOW_CHARS = 4000
 
 
 @dataclass
@@ -81,9 +84,9 @@ def _ending(group: list[dict]) -> str | None:
     last = max((i for i, e in enumerate(group) if e["type"] == "assistant"), default=-1)
     for event in reversed(group[last + 1 :]):
         if event["type"] == "endpoint_error":
-            return "endpoint error: " + _first_line(event.get("error") or "?")
+            return "endpoint error: " + _first_line(event["error"])
         if event["type"] in ("notice", "interrupted"):
-            return _first_line(event.get("text") or event["type"])
+            return _first_line(event["text"])
     return None
 
 
@@ -108,7 +111,7 @@ class RecordedDecisions:
 
     def _decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
         recorded = self.approvals.get(call_id, {})
-        if recorded.get("decision") == "refused":
+        if recorded and recorded["decision"] == "refused":
             reason = "refused in the recorded session"
             if recorded.get("reason"):
                 reason += f" ({recorded['reason']})"
@@ -117,7 +120,7 @@ class RecordedDecisions:
             return Decision("refuse", arguments, reason=reason)
         if recorded.get("edited"):
             try:
-                arguments = tool.validate(recorded.get("arguments"))
+                arguments = tool.validate(recorded["arguments"])
             except ToolArgumentError as error:
                 self.ui.refused(tool.name, f"the recorded edit is invalid: {error}")
                 return Decision("refuse", arguments, reason=f"recorded edit invalid: {error}")
@@ -179,7 +182,7 @@ def _short(value: Any) -> str:
 def compare(recorded: dict | None, new: dict, old_places: dict[str, str],
             new_places: dict[str, str]) -> Comparison:
     """Compare a new tool_result event with the recorded one for the same call."""
-    comparison = Comparison(new["call_id"], new.get("tool", "?"), matches=False,
+    comparison = Comparison(new["call_id"], new["tool"], matches=False,
                             result=new.get("result"))
     if recorded is None:
         comparison.differences = ["the recorded session has no result for this call"]
@@ -258,7 +261,14 @@ def show_user(ui: ChatUI, text: str) -> None:
     ui.end_text()
     ui.console.print()
     ui.console.print("[bold magenta]you>[/] ", end="", highlight=False)
-    ui.console.print(text, markup=False, highlight=False)
+    ui.console.print(shortened(text), markup=False, highlight=False)
+
+
+def shortened(text: str, limit: int = SHOW_CHARS) -> str:
+    """`text` as a replay shows it: its beginning, and how much more the transcript holds."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{len(text) - limit} more characters in the transcript]"
 
 
 def show(path: str | Path, ui: ChatUI) -> None:
@@ -276,30 +286,28 @@ def _show_event(ui: ChatUI, event: dict) -> None:
     if kind == "user":
         show_user(ui, event["message"]["content"])
     elif kind == "assistant" and event.get("content"):
-        ui.text(event["content"])
+        ui.text(shortened(event["content"]))
         ui.end_text()
     elif kind == "validation_error":
-        ui.invalid_call(event.get("tool", ""), event.get("error", ""))
+        ui.invalid_call(event["tool"], shortened(event["error"]))
     elif kind == "approval":
-        _show_recorded_call(ui, event.get("tool", "?"), event.get("arguments") or {})
-        if event.get("decision") == "refused":
-            ui.refused(event.get("tool", "?"), event.get("reason"))
+        _show_recorded_call(ui, event["tool"], event["arguments"])
+        if event["decision"] == "refused":
+            ui.refused(event["tool"], shortened(event.get("reason") or ""))
         else:
             how = f" ({event['reason']})" if event.get("reason") else ""
-            ui.info(f"{event.get('decision', 'approved')}{how}")
+            ui.info(f"{event['decision']}{how}")
     elif kind == "tool_result":
-        if event.get("ok"):
-            ui.tool_result(event.get("tool", "?"), event.get("result"), event.get("seconds", 0))
+        if event["ok"]:
+            ui.tool_result(event["tool"], event.get("result"), event.get("seconds", 0))
         else:
-            ui.tool_error(event.get("tool", "?"), event.get("error", ""))
+            ui.tool_error(event["tool"], shortened(event["error"]))
     elif kind == "endpoint_error":
-        ui.error(event.get("error", ""))
-    elif kind in ("notice", "interrupted"):
-        ui.notice(event.get("text", kind))
+        ui.error(shortened(event["error"]))
+    elif kind in ("notice", "interrupted", "retracted"):
+        ui.notice(shortened(event["text"]))
     elif kind == "resumed":
         ui.info("(the session was resumed here)")
-    elif kind == "retracted":
-        ui.notice(event.get("text") or "the answer above was withdrawn (/retry)")
 
 
 def _show_recorded_call(ui: ChatUI, name: str, arguments: dict) -> None:

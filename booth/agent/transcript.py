@@ -1,6 +1,6 @@
 """Versioned JSONL transcripts: a header line, then one line per event, written as it happens.
 
-    {"type": "header", "format": "booth-transcript", "version": 1, "model": ..., ...}
+    {"type": "header", "format": "booth-transcript", "version": 2, "model": ..., ...}
     {"type": "user", "time": ..., "message": {"role": "user", "content": "..."}}
     {"type": "assistant", "content": ..., "tool_calls": [raw calls], "message": {...sent form}}
     {"type": "validation_error", "call_id": ..., "tool": ..., "error": ..., "message": {...}}
@@ -8,6 +8,12 @@
     {"type": "tool_result", "call_id": ..., "arguments": ..., "ok": ..., "result"|"error": ...}
     {"type": "endpoint_error" | "notice" | "interrupted" | "resumed", ...}
     {"type": "retracted", "text": ...}
+
+Each event type has one JSON schema (`SCHEMAS`) and one constructor (`make_event`); the writer
+checks every event against its schema before writing it and the reader checks every line with
+the same validator, so a file edited by hand fails with its line and field named instead of
+deep inside resume or replay. Contents are always text: a content given as OpenAI content
+parts is joined when the event is made, so what booth writes, booth reads.
 
 One rule makes resuming trivial: every event that adds a message to the conversation carries
 that exact message in its "message" field, so the conversation is
@@ -17,8 +23,10 @@ is rebuilt fresh on resume, because the workspace has changed since). The one ex
 before it that is still in the conversation, so `conversation()` drops that message and
 replay skips that assistant turn. Lines are never rewritten; this keeps the file append-only.
 
-`read_transcript` checks each event's fields and message shape for its type, so a file edited
-by hand fails with its line named instead of deep inside resume or replay.
+Version 2 differs from 1 in what it promises, not in its shape: the fields booth always wrote
+are required, a field is absent rather than null, contents are text. Version-1 files are still
+read (nulls dropped, content parts joined, then the same schemas); a resumed one keeps its
+version-1 header and gets version-2 events, which version 1's reading accepts.
 
 Each line is flushed and fsynced before the loop goes on, so a crash leaves a valid file up to
 the last event. The API key is never given to the writer; as a second guard the writer masks
@@ -34,53 +42,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from booth.agent.events import EventError, as_text, check_event, make_event, timestamp, tool_answer
+
 FORMAT = "booth-transcript"
-VERSION = 1
-
-EVENT_TYPES = {
-    "user",
-    "assistant",
-    "validation_error",
-    "approval",
-    "tool_result",
-    "endpoint_error",
-    "notice",
-    "interrupted",
-    "resumed",
-    "retracted",
-}
-
-# The role of the message an event type carries; other event types carry none.
-_ROLES = {"user": "user", "assistant": "assistant", "validation_error": "tool",
-          "approval": "tool", "tool_result": "tool"}
-# Per event type: field -> (allowed types, required). An optional field may also be null.
-_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "user": {"message": ((dict,), True)},
-    "assistant": {"message": ((dict,), True), "tool_calls": ((list,), True),
-                  "content": ((str,), False), "finish_reason": ((str,), False)},
-    "validation_error": {"call_id": ((str,), True), "tool": ((str,), True),
-                         "message": ((dict,), True), "error": ((str,), False)},
-    "approval": {"call_id": ((str,), True), "tool": ((str,), True),
-                 "decision": ((str,), True), "arguments": ((dict,), True),
-                 "reason": ((str,), False)},
-    "tool_result": {"call_id": ((str,), True), "tool": ((str,), True), "ok": ((bool,), True),
-                    "message": ((dict,), True), "arguments": ((dict,), False),
-                    "error": ((str,), False)},
-    "endpoint_error": {"error": ((str,), False)},
-    "notice": {"text": ((str,), False)},
-    "interrupted": {"text": ((str,), False)},
-    "retracted": {"text": ((str,), False)},
-    "resumed": {},
-}
-_KIND_NAMES = {str: "a string", dict: "a JSON object", list: "a list", bool: "true or false"}
+VERSION = 2  # 2: every field booth always writes is required, contents are text, no nulls
+READABLE_VERSIONS = (1, 2)
 
 
 class TranscriptError(Exception):
     """A transcript file cannot be read; the message names the file and the line."""
-
-
-def _now() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def make_header(
@@ -100,7 +70,7 @@ def make_header(
         "format": FORMAT,
         "version": VERSION,
         "booth_version": __version__,
-        "created": _now(),
+        "created": timestamp(),
         "model": model,
         "endpoint": endpoint,
         "sampling": sampling,
@@ -141,19 +111,12 @@ class TranscriptWriter:
         writer._write_line(header)
         return writer
 
-    def write(self, type: str, **fields: Any) -> dict[str, Any]:
-        """Record one event now; returns the event as written."""
-        if type not in EVENT_TYPES:
-            raise ValueError(f"unknown transcript event type {type!r}")
-        event = {"type": type, "time": _now(), **fields}
-        self._write_line(event)
-        return event
-
-    def write_event(self, event: dict) -> None:
-        """Copy an event read from another transcript, as it was (its time included)."""
-        if event.get("type") not in EVENT_TYPES:
-            raise ValueError(f"unknown transcript event type {event.get('type')!r}")
-        self._write_line(event)
+    def write(self, record: dict) -> dict[str, Any]:
+        """Append one event (built by `make_event`, or read from another transcript and copied as
+        it was, its time included), checked against its schema first; returns it."""
+        check_event(record)
+        self._write_line(record)
+        return record
 
     def _write_line(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False, default=str)
@@ -204,82 +167,21 @@ def read_transcript(path: str | os.PathLike) -> tuple[dict, list[dict]]:
         raise TranscriptError(f"{path} is empty: a transcript starts with a header line")
     (first_line, header), events = records[0], records[1:]
     _check_header(path, first_line, header)
-    for number, event in events:
-        if event["type"] not in EVENT_TYPES:
-            raise TranscriptError(f"{path}:{number}: unknown event type {event['type']!r}")
+    upgrade = _from_v1 if header["version"] == 1 else None
+    for number, record in events:
         try:
-            _check_event(event)
-        except _BadField as error:
-            raise TranscriptError(f"{path}:{number}: {event['type']} event: {error}") from None
-    return header, [event for _, event in events]
+            check_event(upgrade(record) if upgrade else record)
+        except EventError as error:
+            raise TranscriptError(f"{path}:{number}: {error}") from None
+    return header, [record for _, record in events]
 
 
-class _BadField(Exception):
-    """One field of an event is missing or of the wrong kind (the text names it)."""
-
-
-def _need(record: dict, key: str, kinds: tuple[type, ...], where: str = "",
-          required: bool = True) -> Any:
-    """record[key], checked: present when required, else absent or null; of one of `kinds`."""
-    name = f"'{where}{key}'"
-    value = record.get(key)
-    if value is None:
-        if required:
-            raise _BadField(f"{name} is missing")
-        return None
-    if not isinstance(value, kinds):
-        wanted = " or ".join(_KIND_NAMES[k] for k in kinds)
-        raise _BadField(f"{name} must be {wanted}, not {_short_json(value)}")
-    return value
-
-
-def _short_json(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 40 else text[:39] + "…"
-
-
-def _check_event(event: dict) -> None:
-    """Raise _BadField unless `event` has the fields its type needs, message included."""
-    kind = event["type"]
-    for key, (kinds, required) in _FIELDS[kind].items():
-        _need(event, key, kinds, required=required)
-    if "message" in event and kind not in _ROLES:
-        raise _BadField("this event type carries no 'message'")
-    message = event.get("message")
-    if message is None:
-        return
-    role = _need(message, "role", (str,), "message.")
-    if role != _ROLES[kind]:
-        raise _BadField(f"'message.role' must be {_ROLES[kind]!r}, not {role!r}")
-    if role == "user":
-        _need(message, "content", (str,), "message.")
-    elif role == "assistant":
-        _check_assistant(event, message)
-    else:
-        _need(message, "content", (str,), "message.")
-        if _need(message, "tool_call_id", (str,), "message.") != event["call_id"]:
-            raise _BadField("'message.tool_call_id' must equal 'call_id'")
-
-
-def _check_assistant(event: dict, message: dict) -> None:
-    _need(message, "content", (str,), "message.", required=False)
-    sent = _need(message, "tool_calls", (list,), "message.", required=False) or []
-    for i, call in enumerate(sent):
-        where = f"message.tool_calls[{i}]"
-        if not isinstance(call, dict):
-            raise _BadField(f"'{where}' must be a JSON object")
-        _need(call, "id", (str,), f"{where}.")
-        function = _need(call, "function", (dict,), f"{where}.")
-        _need(function, "name", (str,), f"{where}.function.")
-        _need(function, "arguments", (str,), f"{where}.function.")
-    raw = event["tool_calls"]
-    if len(raw) != len(sent):
-        raise _BadField(f"'tool_calls' has {len(raw)} calls but 'message.tool_calls' has "
-                        f"{len(sent)}")
-    for i, call in enumerate(raw):
-        if not isinstance(call, dict):
-            raise _BadField(f"'tool_calls[{i}]' must be a JSON object")
-        _need(call, "arguments", (str, dict), f"tool_calls[{i}].", required=False)
+def _from_v1(record: dict) -> dict:
+    """A version-1 event in today's form, changed in place. Version 1 let an optional field
+    be null, and booth 0.1 recorded content given as a list of parts as it came."""
+    for key in [k for k, v in record.items() if v is None and k != "type"]:
+        del record[key]
+    return as_text(record)
 
 
 def _is_json(text: str) -> bool:
@@ -310,10 +212,11 @@ def _check_header(path: Path, number: int, header: dict) -> None:
             f"{path}:{number}: the first line must be a {FORMAT} header "
             "(is this a booth transcript?)"
         )
-    if header.get("version") != VERSION:
+    version = header.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not True, not 1.0
         raise TranscriptError(
-            f"{path}:{number}: transcript version {header.get('version')!r} is not supported "
-            f"(this booth reads version {VERSION})"
+            f"{path}:{number}: transcript version {version!r} is not supported "
+            f"(this booth reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     if not isinstance(header.get("system_prompt", ""), str):
         raise TranscriptError(f"{path}:{number}: header: 'system_prompt' must be a string")
@@ -375,19 +278,19 @@ def open_for_resume(
     if new_path is None or Path(new_path).resolve() == Path(path).resolve():
         writer = TranscriptWriter(Path(path), secrets)
         fresh = {k: v for k, v in header.items() if k not in ("type", "format", "version")}
-        writer.write("resumed", **fresh)
+        writer.write(make_event("resumed", **fresh))
     else:
         writer = TranscriptWriter.create(Path(new_path), {**header, "resumed_from": str(path)},
                                          secrets)
-        for event in events:
-            writer.write_event(event)
+        for record in events:
+            writer.write(record)
     messages = conversation(events)
     for call_id, name in unanswered_calls(messages):
-        message = {"role": "tool", "tool_call_id": call_id,
-                   "content": "Error: no result: the session ended before this call finished."}
-        writer.write("tool_result", call_id=call_id, tool=name, ok=False,
-                     error="no result (the session ended)", message=message)
-        messages.append(message)
+        answer = tool_answer("tool_result", call_id, "Error: no result: the session ended "
+                             "before this call finished.", tool=name, ok=False,
+                             error="no result (the session ended)")
+        writer.write(answer)
+        messages.append(answer["message"])
     return writer, messages
 
 

@@ -194,16 +194,5 @@ def _converse(session, read) -> None:
 
 
 def _retry(session) -> None:
-    """Ask the model again for the last turn: a turn that ended early goes on from where it
-    stopped; a final answer is withdrawn first (a "retracted" event in the transcript, so
-    that --resume and replay leave it out) and asked for anew."""
-    messages = session.messages
-    last = messages[-1] if messages else None
-    if last is None or (last.get("role") == "assistant" and last.get("tool_calls")):
-        session.ui.info("nothing to retry yet: type a message")
-        return
-    if last.get("role") == "assistant":
-        messages.pop()
-        session.transcript.write("retracted", text="the last answer was withdrawn for a retry")
-        session.ui.info("(the last answer is withdrawn; asking the model again)")
-    session.run()
+    """/retry: ask the model again for the last turn (see `Session.retry`)."""
+    session.retry()
