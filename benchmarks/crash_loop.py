@@ -96,7 +96,7 @@ def train_straight(workspace: Path, model: str) -> dict:
 
 def crash_run(workspace: Path, model: str, name: str, kills: int, rng: random.Random) -> dict:
     run_dir = workspace / "runs" / name
-    kinds, tracebacks, started = [], 0, False
+    kinds, tracebacks, started = [], [], False
     for index in range(kills):
         kind = KINDS[index % len(KINDS)] if index < len(KINDS) else rng.choice(KINDS)
         if started:
@@ -106,14 +106,16 @@ def crash_run(workspace: Path, model: str, name: str, kills: int, rng: random.Ra
         started = True
         killed = kill_at(child, run_dir, kind, rng)
         err = child.stderr.read()
-        tracebacks += "Traceback" in err
+        if "Traceback" in err:
+            tracebacks.append(err[err.index("Traceback"):][-1500:])
         kinds.append(kind if killed else f"{kind} (finished before the kill)")
         if not killed and child.returncode == 0:
             break
     while not (run_dir / "final").is_dir():  # finish it
         child = booth_call(workspace, model, "resume_checkpoint", f"run={name}")
         _, err = child.communicate()
-        tracebacks += "Traceback" in err
+        if "Traceback" in err:
+            tracebacks.append(err[err.index("Traceback"):][-1500:])
         if child.returncode != 0:
             return {"name": name, "kills": kinds, "tracebacks": tracebacks, "error": err[-800:]}
     return {"name": name, "kills": kinds, "tracebacks": tracebacks, **outcome(run_dir)}
@@ -174,7 +176,7 @@ def stray_files(root: Path, workspace: Path, canary: Path) -> list[str]:
 
 
 def report(results: list[dict], reference: dict, changed_outside) -> None:
-    kills = sum(len(r["kills"]) for r in results)
+    kills = sum(not k.endswith("(finished before the kill)") for r in results for k in r["kills"])
     print(f"{'run':10} {'kills':>5} {'losses':>10} {'weights':>8}  kill points")
     identical = 0
     for r in results:
@@ -185,8 +187,10 @@ def report(results: list[dict], reference: dict, changed_outside) -> None:
               f"{'same' if same_weights else 'DIFFER':>8}  {', '.join(r['kills'])}")
         if "error" in r:
             print(f"  failed to finish: {r['error']}")
+        for text in r["tracebacks"]:
+            print(f"  traceback:\n{text}")
     print(f"\nkills {kills}; runs resumed with identical losses and weights "
-          f"{identical}/{len(results)}; tracebacks {sum(r['tracebacks'] for r in results)}; "
+          f"{identical}/{len(results)}; tracebacks {sum(len(r['tracebacks']) for r in results)}; "
           f"changed outside the workspace {len(changed_outside) if changed_outside else 0}")
 
 
