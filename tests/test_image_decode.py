@@ -183,7 +183,7 @@ def test_memory_is_bounded_by_the_resolution_not_the_header(tmp_path, side, kept
         assert result["kept"] == ["big.png"]
     else:  # 75 MP > (10 x 512)^2: refused from the header, before decoding
         code, reason = result["rejected"]["big.png"]
-        assert code == "too_many_pixels" and "5120x5120" in reason
+        assert code == "too_many_pixels" and "5120x5120" in reason and "PNG" in reason
     # Before: the 75 MP file was decoded (893 MB, 4.5 s); the 16 MP one took 218 MB.
     assert result["peak_mb"] < (120 if kept else 60), result
 
@@ -225,8 +225,22 @@ def test_formats_decoded_whole_are_limited_by_the_resolution(tmp_path):
     picture.save(folder / "big.png")
     picture.save(folder / "big_progressive.jpg", progressive=True)
     picture.save(folder / "big_baseline.jpg")  # decoded at reduced scale: no such limit
+    # ...unless it is so narrow that reducing would take its short side below 64 px.
+    _scene(41, (6400, 70)).save(folder / "narrow_baseline.jpg")
     rejected, report = _run(folder, tmp_path)
     assert [Path(k.source).name for k in report.kept] == ["big_baseline.jpg"]
     assert rejected["big.png"].code == rejected["big_progressive.jpg"].code == "too_many_pixels"
+    assert rejected["narrow_baseline.jpg"].code == "too_many_pixels"
     assert "progressive JPEG" in rejected["big_progressive.jpg"].reason
     assert "640x640" in rejected["big.png"].reason
+
+
+def test_the_same_pixels_turned_by_exif_are_not_a_duplicate(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, orientation in (("a.jpg", 1), ("b.jpg", 6)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        _scene(50).save(folder / name, exif=exif, quality=95)
+    rejected, report = _run(folder, tmp_path)
+    assert not rejected and len(report.kept) == 2

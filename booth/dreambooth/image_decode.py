@@ -2,13 +2,14 @@
 cannot be used (a code and a reason) from what its bytes are, not what it is named.
 
 Memory (figures from benchmarks/odd_images.py):
-- Baseline JPEG is decoded by libjpeg at a reduced scale (`draft`) still at least the
-  resolution, so its cost hardly depends on its pixel count; its header may claim up to
-  `max_pixels` (80 MP).
-- Every other format, and progressive JPEG (its decoder keeps every coefficient of the whole
-  picture, ~3 bytes a pixel, whatever the scale), is decoded whole: its header may claim at
-  most (WHOLE_DECODE_SIDE x resolution)^2 pixels, 26 MP at 512 px. A 24 MP camera export
-  passes; a 75 MP PNG of 219 KB is refused before a byte of it is decoded.
+- No header may claim more than `max_pixels` (80 MP).
+- What gets decoded may be at most (WHOLE_DECODE_SIDE x resolution)^2 pixels, 26 MP at 512 px,
+  checked on the header before a byte is decoded. Baseline JPEG is decoded by libjpeg at
+  1/2, 1/4 or 1/8 scale (`draft`, short side still >= resolution), so a 48 MP phone photo
+  decodes at 3 MP; only a very narrow one can exceed the limit. Every other format, and
+  progressive JPEG (its decoder keeps every coefficient of the whole picture, ~3 bytes a
+  pixel, whatever the scale), is decoded whole: a 24 MP camera export passes, a 75 MP PNG of
+  219 KB is refused at once.
 - Right after decoding, the picture is reduced by an integer factor (a box filter) to just
   above the resolution; orientation, colour conversion and cropping work on that small copy,
   and the duplicate hash reads the decoded pixels in bands, never as one more full copy.
@@ -99,8 +100,8 @@ def _decode(fp, file: _File, resolution: int, max_pixels: int, notes: list[str])
         image.load()
     except DECODE_ERRORS as error:
         raise decode_failure(error, file) from None
-    pixel_hash = _pixel_hash(image)
     orientation = _orientation(image, notes)
+    pixel_hash = _pixel_hash(image, orientation)  # turned otherwise, it is another picture
     image = to_rgb(_reduce(image, resolution), source_mode)  # the full-size copy goes here
     if orientation in _TRANSPOSE:
         image = image.transpose(_TRANSPOSE[orientation])
@@ -137,15 +138,29 @@ def _check_pixels(probe: Image.Image, resolution: int, max_pixels: int) -> None:
                      f"header claims {width}x{height} px ({pixels / 1e6:.0f} MP), above the "
                      f"{max_pixels / 1e6:.0f} MP limit: a decompression bomb or far larger "
                      "than training needs")
-    scalable = probe.format in ("JPEG", "MPO") and not probe.info.get("progressive")
     side = WHOLE_DECODE_SIDE * resolution
-    if not scalable and pixels > side * side:
-        what = "progressive JPEG" if probe.format in ("JPEG", "MPO") else probe.format
+    decoded = pixels / _draft_scale(probe, resolution) ** 2
+    if decoded > side * side:
+        baseline = probe.format in ("JPEG", "MPO") and not probe.info.get("progressive")
+        what = "JPEG" if baseline else (
+            "progressive JPEG" if probe.format in ("JPEG", "MPO") else probe.format)
+        hint = "crop or downscale it" if baseline else (
+            "downscale it, or save it as a baseline JPEG (decoded at reduced size)")
         raise Reject("too_many_pixels",
-                     f"{what} of {width}x{height} px ({pixels / 1e6:.1f} MP): booth decodes "
-                     f"{what} files whole, and for {resolution} px training it takes at most "
-                     f"{side * side / 1e6:.1f} MP ({side}x{side}); downscale it (or save it as "
-                     "a baseline JPEG, which is decoded at reduced size)")
+                     f"{what} of {width}x{height} px would be decoded at {decoded / 1e6:.1f} MP; "
+                     f"for {resolution} px training booth decodes at most {side * side / 1e6:.1f}"
+                     f" MP ({side}x{side}): {hint}")
+
+
+def _draft_scale(probe: Image.Image, resolution: int) -> int:
+    """How much smaller libjpeg will decode it: 1, 2, 4 or 8 (short side stays >= resolution).
+    Progressive JPEG keeps every coefficient whatever the scale, so it counts as 1."""
+    if probe.format not in ("JPEG", "MPO") or probe.info.get("progressive"):
+        return 1
+    scale = 1
+    while scale < 8 and min(probe.size) // (scale * 2) >= resolution:
+        scale *= 2
+    return scale
 
 
 def _reduce(image: Image.Image, resolution: int) -> Image.Image:
@@ -163,8 +178,8 @@ def _reduce(image: Image.Image, resolution: int) -> Image.Image:
     return image.reduce(factor)
 
 
-def _pixel_hash(image: Image.Image) -> str:
-    digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
+def _pixel_hash(image: Image.Image, orientation: int) -> str:
+    digest = hashlib.sha256(f"{image.mode} {image.size} {orientation}".encode())
     if image.mode in ("P", "PA"):  # indices alone say nothing of the colours
         digest.update(bytes(image.getpalette() or []) + repr(image.info.get("transparency"))
                       .encode())

@@ -194,7 +194,7 @@ class _Seen:
     """What the files kept so far look like, to find copies among the next ones."""
     bytes: dict[str, str] = field(default_factory=dict)    # sha256 of the file -> file
     pixels: dict[str, str] = field(default_factory=dict)   # hash of decoded pixels -> file
-    looks: list[tuple[str, object]] = field(default_factory=list)  # (file, _Look)
+    looks: list[tuple[str, _Look]] = field(default_factory=list)
 
 
 def _prepare_one(path, rel, out, resolution, max_pixels, seen: _Seen, number):
@@ -247,22 +247,22 @@ def _checked_hash(fp) -> str:
 class _Look:
     """A perceptual summary of a prepared square: a 64-bit difference hash (the structure)
     and an 8x8 colour thumbnail (the colours), both blind to resizing and re-encoding."""
-    bits: object
-    colour: object
+    bits: int
+    colour: bytes
 
     @classmethod
     def of(cls, square: Image.Image) -> _Look:
-        import numpy as np
-
-        grey = np.asarray(square.convert("L").resize((9, 8), Image.Resampling.BOX), np.int16)
-        colour = np.asarray(square.resize((8, 8), Image.Resampling.BOX), np.float32)
-        return cls(grey[:, 1:] > grey[:, :-1], colour)
+        grey = square.convert("L").resize((9, 8), Image.Resampling.BOX).tobytes()
+        bits = 0
+        for row in range(8):
+            for x in range(8):
+                bits = bits << 1 | (grey[row * 9 + x + 1] > grey[row * 9 + x])
+        return cls(bits, square.resize((8, 8), Image.Resampling.BOX).tobytes())
 
     def resembles(self, other: _Look) -> bool:
-        import numpy as np
-
-        differing = int(np.count_nonzero(self.bits != other.bits))
-        colour = float(np.abs(self.colour - other.colour).mean())
+        differing = (self.bits ^ other.bits).bit_count()
+        pairs = zip(self.colour, other.colour, strict=True)
+        colour = sum(abs(a - b) for a, b in pairs) / len(self.colour)
         return differing <= NEAR_DUPLICATE_BITS and colour <= NEAR_DUPLICATE_COLOUR
 
 
