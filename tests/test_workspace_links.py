@@ -214,3 +214,20 @@ def test_a_link_loop_is_refused(ctx):
     (runs / "b").symlink_to("a")
     with pytest.raises(ToolError, match="runs/a is a symbolic link loop"):
         ctx.workspace.run_dir("a")
+
+
+def test_remove_inside_never_deletes_through_a_link(ctx, outside):
+    from booth.tools.workspace import remove_inside
+
+    datasets = ctx.workspace.root / "datasets"
+    datasets.mkdir()
+    (datasets / ".old-rex").symlink_to(outside, target_is_directory=True)
+    before = _listing(outside)
+    with pytest.raises(ToolError, match="refusing to delete"):
+        remove_inside(datasets / ".old-rex", datasets)
+    with pytest.raises(ToolError, match="refusing to delete"):
+        remove_inside(outside, datasets)
+    assert _listing(outside) == before
+    (datasets / ".tmp-rex").mkdir()
+    remove_inside(datasets / ".tmp-rex", datasets)
+    assert not (datasets / ".tmp-rex").exists()
