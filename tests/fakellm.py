@@ -14,6 +14,10 @@ one JSON body, or as server-sent events when the request says `"stream": true` â
 over several chunks, each tool call's id and name first and its arguments in pieces, the way
 vLLM streams them. Every request body is kept in `requests` (headers in `headers`). When the
 script runs out, the server answers 500 with a body saying so, so a test fails loudly.
+
+For hostile tests a step can also be broken on purpose: `raw(...)` sends any bytes,
+`message(...)` any assistant message object (a null `function`, `tool_calls` as a string),
+and `broken(step, how)` streams a reply that stops early or ends in an error event.
 """
 
 from __future__ import annotations
@@ -66,6 +70,35 @@ def hang(seconds: float = 2.0) -> dict:
     """A step: read the request, then answer nothing for `seconds` (at most 10) and drop the
     connection, for client timeouts."""
     return {"kind": "hang", "seconds": min(float(seconds), 10.0)}
+
+
+def trickle(seconds: float = 3.0, every: float = 0.2) -> dict:
+    """A step: a 200 event stream of keep-alive comments only, for `seconds` (at most 10)."""
+    return {"kind": "trickle", "seconds": min(float(seconds), 10.0), "every": every}
+
+
+def raw(body: bytes | str, content_type: str = "text/event-stream", status: int = 200) -> dict:
+    """A step: exactly these bytes, whatever the request asked (garbage, HTML, not UTF-8)."""
+    data = body.encode() if isinstance(body, str) else body
+    return {"kind": "raw", "body": data, "content_type": content_type, "status": status}
+
+
+def message(payload: Any, finish_reason: str | None = "tool_calls") -> dict:
+    """A step: `payload` as the assistant message (or, streamed, as the one delta), however
+    malformed, e.g. {"tool_calls": [{"id": "abcDEF123", "function": None}]}."""
+    return {"kind": "message", "message": payload, "finish_reason": finish_reason}
+
+
+BROKEN = ("cut", "no_finish", "no_done", "error_event", "empty_choices")
+
+
+def broken(step: dict, how: str) -> dict:
+    """A streamed reply `step` broken `how`: "cut" (connection closed before the finish chunk
+    and [DONE]), "no_finish" ([DONE] but no finish_reason), "no_done" (finish_reason but no
+    [DONE], which is fine), "error_event" (an error event after the deltas),
+    "empty_choices" (every chunk with `choices: []`)."""
+    assert how in BROKEN, how
+    return {**step, "broken": how}
 
 
 class FakeLLM:
@@ -152,7 +185,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.llm.stopping.wait(step["seconds"])
             self.close_connection = True
             return None
+        if step["kind"] == "raw":
+            return self._raw(step)
+        if step["kind"] == "trickle":
+            return self._trickle(step)
         model = body.get("model", self.llm.model)
+        if step["kind"] == "message":
+            return self._message(step, model, bool(body.get("stream")))
         if body.get("stream"):
             return self._stream(step, model)
         return self._json(200, _completion(step, model))
@@ -167,17 +206,61 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _raw(self, step: dict) -> None:
+        self.send_response(step["status"])
+        self.send_header("Content-Type", step["content_type"])
+        self.send_header("Content-Length", str(len(step["body"])))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(step["body"])
+        self.close_connection = True
+
+    def _trickle(self, step: dict) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        ends = time.monotonic() + step["seconds"]
+        while time.monotonic() < ends and not self.llm.stopping.is_set():
+            try:
+                self.wfile.write(b": keep-alive\n\n")
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                break
+            time.sleep(step["every"])
+        self.close_connection = True
+
+    def _message(self, step: dict, model: str, stream: bool) -> None:
+        if not stream:
+            choice = {"index": 0, "message": step["message"],
+                      "finish_reason": step["finish_reason"]}
+            return self._json(200, {**_head(model, "chat.completion"), "choices": [choice]})
+        events = [_chunk(model, step["message"]), _chunk(model, {}, step["finish_reason"])]
+        return self._events(events, done=True)
+
     def _stream(self, step: dict, model: str) -> None:
+        how = step.get("broken")
+        events = list(_chunks(step, model))
+        if how in ("cut", "no_finish", "error_event"):
+            events = events[:-1]  # the finish chunk
+        if how == "error_event":
+            events.append({"error": {"message": "CUDA out of memory", "code": 500}})
+        if how == "empty_choices":
+            events = [{**e, "choices": []} for e in events]
+        self._events(events, done=how not in ("cut", "no_done", "error_event"))
+
+    def _events(self, events: list, done: bool) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
-        for chunk in _chunks(step, model):
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        for event in events:
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.flush()
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+        if done:
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
         self.close_connection = True
 
 
@@ -213,12 +296,16 @@ def _pieces(text: str) -> list[str]:
     return [text[i : i + PIECE] for i in range(0, len(text), PIECE)]
 
 
+def _chunk(model: str, delta: Any, finish: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {**_head(model, "chat.completion.chunk"), "choices": [choice]}
+
+
 def _chunks(step: dict, model: str):
     """The SSE chunks of one reply, in vLLM's order."""
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        return {**_head(model, "chat.completion.chunk"), "choices": [choice]}
+        return _chunk(model, delta, finish)
 
     yield chunk({"role": "assistant", "content": ""})
     for piece in _pieces(step["text"]):

@@ -11,11 +11,11 @@ import pytest
 from fakellm import FakeLLM, call, reply
 from typer.testing import CliRunner
 
-from booth.agent import commands
 from booth.agent.approval import NO_TERMINAL
 from booth.agent.transcript import read_transcript
 from booth.agent.wire import check_request
 from booth.cli import app
+from booth.commands import session
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def photos(tmp_path) -> str:
 @pytest.fixture
 def tty(monkeypatch):
     """Pretend stdin is a terminal, so approvals are asked (CliRunner's stdin is a pipe)."""
-    monkeypatch.setattr(commands, "_stdin_is_tty", lambda: True)
+    monkeypatch.setattr(session, "stdin_is_tty", lambda: True)
 
 
 def prepare(photos: str) -> dict:
@@ -237,3 +237,18 @@ def test_the_word_empty_is_not_masked_without_a_key(workspace, tmp_path):
     assert events[0]["message"]["content"] == "is my dataset EMPTY?"
     assert events[1]["content"] == "It is EMPTY: no photos yet."
     assert "***" not in path.read_text()
+
+
+def test_global_options_after_chat_are_used_and_win_over_those_before(workspace, tmp_path):
+    path = tmp_path / "t.jsonl"
+    other = tmp_path / "other-workspace"
+    with FakeLLM([reply("Hi.")]) as llm:
+        result = runner.invoke(app, [
+            "--workspace", workspace, "--base-model", "first/model", "chat", "hi",
+            "--base-url", llm.base_url, "--transcript", str(path),
+            "-w", str(other), "--base-model", "some-org/sd-model"])
+        prompt = llm.requests[0]["messages"][0]["content"]
+    assert result.exit_code == 0, result.output
+    header, _ = read_transcript(path)
+    assert header["workspace"] == str(other) and header["base_model"] == "some-org/sd-model"
+    assert f"workspace: {other}" in prompt and "base model: some-org/sd-model" in prompt

@@ -102,3 +102,123 @@ def test_a_workspace_folder_may_be_a_link_to_another_disk(tmp_path):
     (tmp_path / "ws" / "runs").symlink_to(tmp_path / "big-disk" / "runs")
     run = Workspace.from_option(str(tmp_path / "ws")).run_dir("rex")
     assert run == (tmp_path / "ws" / "runs" / "rex")
+
+
+def wide(*args: str, env: dict | None = None):
+    """A run whose help and tables are not wrapped (rich reads COLUMNS when not on a tty)."""
+    return runner.invoke(app, list(args), env={"COLUMNS": "200", **(env or {})})
+
+
+def test_version_prints_the_package_version():
+    from booth import __version__
+
+    result = booth("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"booth {__version__}"
+
+
+def workspace_seen(*args: str, env: dict | None = None) -> str:
+    result = runner.invoke(app, [*args], env=env)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["workspace"]
+
+
+def test_the_workspace_option_works_before_or_after_the_command(tmp_path):
+    a, b, c = (str(tmp_path / name) for name in "abc")
+    assert workspace_seen("--workspace", a, "ls", "--json") == a
+    assert workspace_seen("ls", "--json", "--workspace", b) == b
+    assert workspace_seen("ls", "-w", b, "--json") == b
+    # Both given: the later one (after the command) wins.
+    assert workspace_seen("-w", a, "ls", "-w", b, "--json") == b
+    # The environment is the fallback; an option in either place overrides it.
+    assert workspace_seen("ls", "--json", env={"BOOTH_WORKSPACE": c}) == c
+    assert workspace_seen("-w", a, "ls", "--json", env={"BOOTH_WORKSPACE": c}) == a
+    assert workspace_seen("ls", "--json", "-w", b, env={"BOOTH_WORKSPACE": c}) == b
+
+
+def test_a_later_invocation_does_not_inherit_an_earlier_ones_options(tmp_path):
+    assert workspace_seen("ls", "--json", "-w", str(tmp_path / "a")) == str(tmp_path / "a")
+    assert workspace_seen("ls", "--json", env={"BOOTH_WORKSPACE": str(tmp_path / "d")}) == str(
+        tmp_path / "d")
+
+
+def test_global_options_after_call_reach_the_tool(workspace, tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = runner.invoke(app, ["call", "generate_priors", "class_prompt=a photo of a dog",
+                                 "num_images=1", "--workspace", workspace,
+                                 "--base-model", str(missing)])
+    assert result.exit_code == 1
+    assert str(missing) in " ".join(result.stderr.split())
+    assert not (tmp_path / "booth-workspace").exists()
+
+
+def test_every_command_has_the_global_options_in_its_help():
+    from typer.main import get_command
+
+    for name in get_command(app).commands:
+        result = wide(name, "--help")
+        assert result.exit_code == 0, name
+        assert "--workspace" in result.stdout and "--base-model" in result.stdout, name
+
+
+def test_top_level_help_lists_each_command_with_one_whole_sentence():
+    from typer.main import get_command
+
+    result = wide("--help")
+    rows = {line.split()[1]: line for line in result.stdout.splitlines()
+            if line.startswith("│ ") and len(line.split()) > 2}
+    for name in get_command(app).commands:
+        text = rows[name].strip("│ ").removeprefix(name).strip()
+        assert text.endswith("."), f"{name}: {text!r}"
+    assert "Run the whole pipeline offline in about a minute, on a tiny model." in rows["demo"]
+
+
+def test_flags_show_no_value_type():
+    for args in (["--help"], ["replay", "--help"], ["chat", "--help"], ["ls", "--help"]):
+        result = wide(*args)
+        assert result.exit_code == 0
+        assert "<bool>" not in result.stdout, args
+    result = wide("chat", "--help")
+    assert "<float>" in result.stdout  # options that take a value still say which
+
+
+def option_row(help_text: str, option: str) -> str:
+    """The help text of `option`, its wrapped lines joined."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if f"│ {option} " in line)
+    row = [lines[start]]
+    for line in lines[start + 1:]:
+        if line.lstrip("│ ").startswith("-") or not line.startswith("│"):
+            break
+        row.append(line)
+    return " ".join(" ".join(line.strip("│").split()) for line in row)
+
+
+def test_chat_help_describes_every_sampling_flag_and_shows_the_timeout_default():
+    from dataclasses import fields
+
+    from booth.agent.settings import EndpointSettings
+
+    text = wide("chat", "--help").stdout
+    for flag in ("--temperature", "--top-p", "--max-tokens", "--frequency-penalty",
+                 "--presence-penalty"):
+        row = option_row(text, flag)
+        words = row.split("<", 1)[1].split(">", 1)[1].split()  # after the type
+        assert len(words) >= 4, f"{flag} has no description: {row!r}"
+    timeout = next(f.default for f in fields(EndpointSettings) if f.name == "timeout")
+    assert f"default: ({timeout:g})" in option_row(text, "--timeout")
+
+
+def test_tools_table_shows_defaults_and_bounds_from_the_schemas():
+    from booth.tools import TOOLS
+
+    text = wide("tools").stdout
+    train = text.split("train:", 1)[1].split("sample:", 1)[0]
+    rows = {line.split()[1]: line for line in train.splitlines() if line.startswith("│")}
+    schema = TOOLS["train"].parameters["properties"]
+    steps = rows["checkpointing_steps"]
+    assert str(schema["checkpointing_steps"]["default"]) in steps
+    low, high = schema["checkpointing_steps"]["minimum"], schema["checkpointing_steps"]["maximum"]
+    assert f"{low} to {high}" in steps
+    assert " | ".join(schema["mixed_precision"]["enum"]) in rows["mixed_precision"]
+    assert f"> {schema['learning_rate']['exclusiveMinimum']}" in rows["learning_rate*"]

@@ -204,11 +204,13 @@ def test_tool_errors_and_crashes_become_error_results_and_the_session_goes_on(ct
     assert_every_request_obeys_mistral(llm)
 
 
-def test_first_ctrl_c_stops_the_tool_and_the_model_is_told(ctx, tmp_path):
+def test_first_ctrl_c_stops_the_tool_ends_the_turn_and_the_model_is_told_next(ctx, tmp_path):
     script = [call("long_job", {"presses": 1}), reply("Stopped at checkpoint-3.")]
     with FakeLLM(script) as llm:
         session = start(llm, ctx, tmp_path / "t.jsonl", tools={"long_job": long_job})
-        assert session.send("train")
+        assert not session.send("train")  # the turn ends: the person types next
+        assert len(llm.requests) == 1, "the model must not be asked again at once"
+        assert session.send("what now?")
     (told,) = tool_messages(llm.requests[1])
     assert told.startswith("The user pressed Ctrl-C while the tool ran") and '"interrupted"' in told
     assert not ctx.stop_requested.is_set()  # cleared for the next tool
@@ -318,18 +320,21 @@ def test_the_system_prompt_survives_a_broken_workspace(ctx):
     (root / "datasets" / "rex").mkdir(parents=True)
     (root / "datasets" / "rex" / "manifest.json").write_text("{broken")
     (root / "priors" / "dogs").mkdir(parents=True)
-    (root / "runs" / "r1" / "checkpoints" / "checkpoint-400").mkdir(parents=True)
+    checkpoint = root / "runs" / "r1" / "checkpoints" / "checkpoint-400"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text('{"step": 400}')  # written last: complete
+    (root / "runs" / "r1" / "checkpoints" / "checkpoint-500").mkdir()  # incomplete: not listed
     (root / "runs" / "r1" / "run.yaml").write_text("max_train_steps: [unclosed")
-    (root / "runs" / "r1" / "metrics.jsonl").write_bytes(
-        b'{"step": 400, "loss": 0.25}\n{"st\xe2\x82')  # a crash mid-way through a character
+    (root / "runs" / "r1" / "metrics.jsonl").write_text(
+        '{"step": 400, "loss": 0.25}\n{"st')  # a crash mid-way through a line
     (root / "runs" / "r2").mkdir()
     (root / "runs" / "r2" / "run.yaml").write_bytes(b"class_prompt: caf\xe9")  # not UTF-8
+    (root / "runs" / "r2" / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 0.5}\n\xe2\x82')
     prompt = build_system_prompt(ctx, today=date(2026, 5, 4), device="CPU only")
     assert "- rex: manifest.json missing or unreadable" in prompt
     assert "- dogs: priors.json missing or unreadable" in prompt
-    assert "run.yaml missing or unreadable; checkpoints at steps 400" in prompt
-    assert "- r2: run.yaml missing or unreadable" in prompt
-    assert "last loss 0.25 at step 400" in prompt and "no final weights yet" in prompt
+    assert "run.yaml missing or unreadable; checkpoints at steps 400; last loss 0.25" in prompt
+    assert "- r2: run.yaml missing or unreadable; no checkpoints; no final weights yet" in prompt
     assert "Today is 2026-05-04" in prompt and f"base model: {ctx.base_model}" in prompt
     assert "{" + "state}" not in prompt  # every placeholder filled
 

@@ -60,7 +60,7 @@ def test_streamed_text_arrives_in_several_pieces():
     assert_all_requests_valid(llm)
 
 
-def test_streamed_tool_calls_are_assembled_ids_normalized_and_history_repaired():
+def test_streamed_tool_calls_are_assembled_and_the_sent_history_normalized_and_repaired():
     step = calls(
         [
             call("train", '{"steps": 400, "dataset": "rex"}', id="call_0123456789abc"),
@@ -71,48 +71,37 @@ def test_streamed_tool_calls_are_assembled_ids_normalized_and_history_repaired()
     with FakeLLM([step, reply("Both runs are done.")]) as llm:
         model = model_for(llm)
         turn = model.complete(START, TOOLS)
+        # The turn is what the server sent; the message sent back is made valid, once.
         first, second = turn.tool_calls
-        assert first == ToolCall("456789abc", "train", '{"steps": 400, "dataset": "rex"}')
-        assert ID.match(second.id) and second.arguments == '{"steps": 10,'
+        assert first == ToolCall("call_0123456789abc", "train", '{"steps": 400, "dataset": "rex"}')
+        assert second == ToolCall("call_1", "train", '{"steps": 10,')
         assert turn.content == "Training now." and turn.finish_reason == "tool_calls"
 
         sent = assistant_message(turn)
-        answers = [
-            {"role": "tool", "tool_call_id": c.id, "content": "ok"} for c in turn.tool_calls
-        ]
+        ids = [c["id"] for c in sent["tool_calls"]]
+        assert ids[0] == "456789abc" and ID.match(ids[1])
+        answers = [{"role": "tool", "tool_call_id": i, "content": "ok"} for i in ids]
         final = model.complete([*START, sent, *answers], TOOLS)
     assert final.content == "Both runs are done."
     history = llm.requests[1]["messages"][2]
-    assert [c["id"] for c in history["tool_calls"]] == [first.id, second.id]
+    assert [c["id"] for c in history["tool_calls"]] == ids
     assert history["tool_calls"][1]["function"]["arguments"] == "{}"
     assert_all_requests_valid(llm)
 
 
-def test_non_streaming_path():
+def test_non_streaming_path_shows_the_same_text():
     step = calls([call("train", {"steps": 5}, id="abcDEF123")], text="Here goes.")
-    with FakeLLM([step]) as llm:
+    with FakeLLM([step, reply("All done.")]) as llm:
         pieces: list[str] = []
-        turn = model_for(llm, stream=False).complete(START, TOOLS, on_text=pieces.append)
+        model = model_for(llm, stream=False)
+        turn = model.complete(START, TOOLS, on_text=pieces.append)
+        final = model.complete(START, TOOLS, on_text=pieces.append)
     assert turn == AssistantTurn(
         "Here goes.", [ToolCall("abcDEF123", "train", '{"steps": 5}')], "tool_calls"
     )
-    assert pieces == []  # nothing streams; the loop prints the content itself
+    assert final.content == "All done."
+    assert pieces == ["Here goes.", "All done."]  # what streaming would have shown
     assert not llm.requests[0].get("stream")
-
-
-def test_new_ids_are_unique_in_the_conversation():
-    earlier = {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {"id": "abcDEF123", "type": "function",
-             "function": {"name": "train", "arguments": "{}"}}
-        ],
-    }
-    messages = [*START, earlier, {"role": "tool", "tool_call_id": "abcDEF123", "content": "ok"}]
-    with FakeLLM([call("train", {"steps": 1}, id="abcDEF123")]) as llm:
-        turn = model_for(llm).complete(messages, TOOLS)
-    assert ID.match(turn.tool_calls[0].id) and turn.tool_calls[0].id != "abcDEF123"
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])

@@ -3,7 +3,6 @@ resumable, found by the train tool; samples are real PNGs, a grid, one batched C
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import threading
@@ -29,18 +28,16 @@ def ctx(tool_context):
 
 
 @pytest.fixture
-def loads(monkeypatch):
+def loads(ctx):
     """Counts how many times the priors tool loads the model."""
-    import booth.tools.priors as priors_tool
-
     calls = []
-    real = priors_tool._load
+    real = ctx.load_pipeline
 
     def counting(base_model):
         calls.append(base_model)
         return real(base_model)
 
-    monkeypatch.setattr(priors_tool, "_load", counting)
+    ctx.load_pipeline = counting
     return calls
 
 
@@ -191,15 +188,14 @@ def test_sample_writes_pngs_and_grid_reproducibly(ctx):
     assert meta["seed"] == 3 and meta["prompts"][1] == "a dog on the moon"
 
 
-def test_guidance_is_one_batched_unet_pass_per_step(ctx, monkeypatch):
-    sample_tool = importlib.import_module("booth.tools.sample")
+def test_guidance_is_one_batched_unet_pass_per_step(ctx):
     from booth.dreambooth.loading import load_pipeline
 
     pipeline = load_pipeline(ctx.base_model)
     batches = []
     pipeline.unet.register_forward_pre_hook(
         lambda module, args, kwargs: batches.append(args[0].shape[0]), with_kwargs=True)
-    monkeypatch.setattr(sample_tool, "_base_pipeline", lambda base_model: pipeline)
+    ctx.load_pipeline = lambda base_model: pipeline
     _sample(ctx, prompts=["a photo of sks dog"], num_images_per_prompt=2, guidance_scale=7.5)
     assert batches == [4, 4], "cond + uncond for 2 images: one pass of 4 per step, 2 steps"
     batches.clear()
@@ -212,12 +208,12 @@ def test_sample_from_a_run_and_its_errors(ctx, monkeypatch, tiny_model):
     from booth.dreambooth.config import TrainConfig
     from booth.dreambooth.loading import load_pipeline
 
-    with pytest.raises(ToolError, match="no run named 'rex'; runs in the workspace: none yet"):
+    with pytest.raises(ToolError, match=r"no training run 'rex' \(runs in the workspace: none"):
         _sample(ctx, run="rex")
     run_dir = ctx.workspace.run_dir("rex")
     run_dir.mkdir(parents=True)
     TrainConfig(base_model=tiny_model, output_dir=str(run_dir)).save_yaml(run_dir / "run.yaml")
-    with pytest.raises(ToolError, match="no run named 'rox'; runs in the workspace: rex"):
+    with pytest.raises(ToolError, match=r"no training run 'rox' \(runs in the workspace: rex\)"):
         _sample(ctx, run="rox")
     with pytest.raises(ToolError, match="no final model"):
         _sample(ctx, run="rex")

@@ -63,7 +63,7 @@ def test_valid_arguments_run_with_defaults_filled_in():
         ({"prompts": ["a"], "steps": 2.5}, "steps: 2.5 is not of type 'integer'"),
         ({"prompts": ["a"], "precision": "fp8"}, "precision: 'fp8' is not one of"),
         ({"prompts": []}, "prompts: [] should be non-empty"),
-        ({"prompts": ["a"], "run": "../etc"}, "run: '../etc' does not match"),
+        ({"prompts": ["a"], "run": "../etc"}, "run: '../etc' is not allowed: it must match"),
         ({"prompts": ["a"], "size": 100}, "size: 100 is not a multiple of 8"),
         (["a dog"], "must be a JSON object, got list"),
     ],
@@ -140,5 +140,5 @@ def test_nan_and_infinity_never_slip_past_the_bounds(text):
 
 
 def test_a_trailing_newline_does_not_pass_a_pattern():
-    with pytest.raises(ToolArgumentError, match="does not match"):
+    with pytest.raises(ToolArgumentError, match="is not allowed"):
         demo_tool.validate({"prompts": ["a"], "run": "abc\n"})

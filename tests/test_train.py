@@ -23,7 +23,8 @@ def make_dataset(root: Path, name: str = "rex", count: int = 3, size: int = 64) 
         file = f"images/{i + 1:04d}.png"
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / file)
         images.append({"file": file})
-    manifest = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of a dog",
+    manifest = {"instance_token": "sks", "instance_prompt": "a photo of sks dog",
+                "class_prompt": "a photo of a dog",
                 "resolution": size, "images": images}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
@@ -310,7 +311,7 @@ def test_nan_loss_stops_with_the_step_and_a_lower_learning_rate(tool_context, mo
 
 @pytest.mark.parametrize("arguments, error, message", [
     ({"max_train_steps": 0}, ToolArgumentError, "max_train_steps"),
-    ({"learning_rate": 0.5}, ToolArgumentError, "learning_rate"),
+    ({"learning_rate": 1.5}, ToolArgumentError, "learning_rate"),
     ({"run_name": "../x"}, ToolArgumentError, "run_name"),
     ({"dataset": "nope"}, ToolError, "no dataset 'nope'.*prepare_dataset"),
     ({"mixed_precision": "fp8"}, ToolArgumentError, "mixed_precision"),

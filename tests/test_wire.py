@@ -15,6 +15,7 @@ from booth.agent.wire import (
     new_call_id,
     normalize_call_id,
     repair_arguments,
+    used_call_ids,
 )
 
 MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
@@ -189,3 +190,23 @@ def test_booths_own_tool_schemas_pass_mistral_common():
     specs = [t.openai_spec() for t in tools_package.TOOLS.values()]
     assert specs
     check_request(conversation()[:2], specs, MODEL)
+
+
+def test_arguments_nested_too_deep_are_repaired_not_raised():
+    deep = "[" * 5000 + "]" * 5000
+    assert repair_arguments(deep) == "{}"
+    nested: dict = {}
+    for _ in range(5000):
+        nested = {"a": nested}
+    assert repair_arguments(nested) == "{}"
+
+
+def test_used_call_ids_gathers_calls_and_answers_and_ignores_junk():
+    messages = [
+        {"role": "assistant", "tool_calls": [{"id": "abcDEF123"}, {"id": None}, "junk"]},
+        {"role": "tool", "tool_call_id": "zzzZZZ999"},
+        {"role": "tool", "tool_call_id": 5},
+    ]
+    assert used_call_ids(messages) == {"abcDEF123", "zzzZZZ999"}
+    turn = AssistantTurn("", [ToolCall("abcDEF123", "train", "{}")])
+    assert assistant_message(turn, used_call_ids(messages))["tool_calls"][0]["id"] != "abcDEF123"

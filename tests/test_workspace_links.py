@@ -152,27 +152,32 @@ def test_resume_refuses_a_link_inside_the_run(ctx, outside, entry):
     assert str(outside) in message
 
 
+PRIORS = {"class_prompt": "a photo of a dog", "num_images": 2, "resolution": 64}
+
+
+def _prior_folder(ctx) -> Path:
+    """The folder generate_priors uses for PRIORS: found by a first call, which claims it and
+    then fails to load its model (a hub id, offline)."""
+    with pytest.raises(ToolError):
+        get_tool("generate_priors").run(ctx, PRIORS)
+    [name] = ctx.workspace.names("priors")
+    return ctx.workspace.root / "priors" / name
+
+
 @pytest.mark.parametrize("dangling", [False, True], ids=["outward", "dangling"])
 def test_generate_priors_refuses_a_linked_prior_set(ctx, outside, dangling):
-    from booth.tools.priors import _key
+    import shutil
 
-    key = _key(ctx, "a photo of a dog", 0, 64, None, None, None, None)
-    _link(ctx, "priors", key.folder_name(), outside / "gone" if dangling else outside)
-    _refused(ctx, outside, "generate_priors", {"class_prompt": "a photo of a dog",
-                                               "num_images": 2, "resolution": 64},
-             f"priors/{key.folder_name()}")
+    folder = _prior_folder(ctx)
+    shutil.rmtree(folder)
+    folder.symlink_to(outside / "gone" if dangling else outside, target_is_directory=True)
+    _refused(ctx, outside, "generate_priors", PRIORS, f"priors/{folder.name}")
 
 
 def test_generate_priors_refuses_an_image_linked_outside(ctx, outside):
-    from booth.tools.priors import _key
-
-    key = _key(ctx, "a photo of a dog", 0, 64, None, None, None, None)
-    folder = ctx.workspace.root / "priors" / key.folder_name()
-    folder.mkdir(parents=True)
+    folder = _prior_folder(ctx)
     (folder / "0002.png").symlink_to(outside / "canary.txt")
-    _refused(ctx, outside, "generate_priors", {"class_prompt": "a photo of a dog",
-                                               "num_images": 2, "resolution": 64},
-             f"priors/{key.folder_name()}/0002.png")
+    _refused(ctx, outside, "generate_priors", PRIORS, f"priors/{folder.name}/0002.png")
 
 
 @pytest.mark.parametrize("dangling", [False, True], ids=["outward", "dangling"])

@@ -2,48 +2,61 @@
 
 from __future__ import annotations
 
-import json
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from booth.agent import wire
-from booth.agent.model import AssistantTurn, EndpointError, ToolCall
+from booth.agent import reply, wire
+from booth.agent.masking import Masker
+from booth.agent.model import AssistantTurn, EndpointError
 from booth.agent.settings import LOCAL_KEY, PRESETS, EndpointSettings, safe_url
 
 
 class _Retry(Exception):
-    """A failure worth another try; `message` is what the user reads if tries run out."""
+    """A failure worth another try. `message` is what the user reads if tries run out,
+    `short` what the retry notice says ("server busy (429)")."""
 
-    def __init__(self, message: str, wait: float | None = None):
+    def __init__(self, message: str, short: str, wait: float | None = None):
         super().__init__(message)
-        self.wait = wait
+        self.short, self.wait = short, wait
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 class OpenAIChatModel:
     """`ChatModel` over any OpenAI-compatible chat-completions endpoint, via the openai SDK.
 
-    Each request is checked against Mistral's wire rules before it goes out. Failures become
-    one `EndpointError` with a message saying what to do; 429, 5xx and timeouts are retried
-    `max_retries` times with backoff (the server's retry-after wins). Returned tool calls
-    carry ids that are already Mistral-valid and unique in the conversation, so the loop can
-    answer them with `turn.tool_calls[i].id` and `wire.assistant_message(turn)` keeps them.
+    Each request is checked against Mistral's wire rules before it goes out. What comes back
+    is read by `booth.agent.reply`, which trusts nothing: a broken reply (not JSON, cut off
+    before the model finished, empty) is retried like 429, 5xx and timeouts, `max_retries`
+    times with backoff (the server's retry-after wins), then becomes one `EndpointError`
+    saying what to do. A call from a reply that did not finish is never returned.
+    While booth waits, `on_status` hears how long and for what; the wait for an answer to
+    begin ends after `first_token_timeout` seconds, all tries together.
+    Tool-call ids are returned as the server sent them: `wire.assistant_message` makes them
+    Mistral-valid and unique, and the loop answers each call with the id in that message.
+    Every message shown has the known secrets (key, URL password) masked.
     """
 
     def __init__(self, settings: EndpointSettings, sleep: Callable[[float], None] = time.sleep):
         self.settings = settings
         self._sleep = sleep
         self._client = None
+        self._mask = Masker(settings.secrets())
 
     def client(self):
         if self._client is None:
             import openai  # ~0.5 s: only when a live endpoint is actually used
 
             self._client = openai.OpenAI(
-                base_url=self.settings.base_url,
+                # user:password@ in the URL would make the HTTP library send Basic auth in
+                # place of the Bearer key: it is sent nowhere (see EndpointSettings).
+                base_url=safe_url(self.settings.base_url),
                 api_key=self.settings.api_key,
-                timeout=self.settings.timeout,
                 max_retries=0,  # retries are ours: one policy, one message
             )
         return self._client
@@ -53,8 +66,10 @@ class OpenAIChatModel:
         messages: list[dict],
         tools: list[dict],
         on_text: Callable[[str], None] | None = None,
+        on_status: Callable[..., None] | None = None,
     ) -> AssistantTurn:
-        """One assistant turn; text chunks go to `on_text` as they stream in."""
+        """One assistant turn; text chunks go to `on_text` as they stream in (the whole
+        text at once when not streaming); what booth waits for goes to `on_status`."""
         try:
             wire.check_request(messages, tools, self.settings.model)
         except wire.WireError as err:
@@ -62,96 +77,137 @@ class OpenAIChatModel:
         request = {"model": self.settings.model, "messages": messages, **self.settings.sampling()}
         if tools:
             request["tools"] = tools
-        turn = self._with_retries(request, on_text)
-        _normalize_ids(turn, messages)
-        return turn
+        status = on_status or _ignore
+        waiting = Waiting(status, self._mask, f"waiting for the model at {self._url}",
+                          self.settings.first_token_timeout)
+        try:
+            return self._with_retries(request, on_text or _ignore, status, waiting)
+        finally:
+            waiting.stop()
+            status(None)
 
-    def _with_retries(self, request: dict, on_text: Callable[[str], None] | None) -> AssistantTurn:
-        tries = self.settings.max_retries + 1
-        for attempt in range(tries):
-            streamed: list[str] = []  # text already shown: a retry would show it twice
+    @property
+    def _url(self) -> str:
+        return safe_url(self.settings.base_url)
 
-            def emit(text: str, streamed: list[str] = streamed) -> None:
-                streamed.append(text)
-                if on_text:
-                    on_text(text)
-
+    def _with_retries(self, request: dict, on_text: Callable[[str], None],
+                      on_status: Callable[..., None], waiting: Waiting) -> AssistantTurn:
+        settings = self.settings
+        tries = settings.max_retries + 1
+        deadline = time.monotonic() + settings.first_token_timeout
+        for attempt in range(1, tries + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EndpointError(self._mask(self._gave_up(attempt - 1)))
             try:
-                return self._send(request, emit)
+                return self._send(request, on_text, waiting, deadline)
             except Exception as err:
-                failure = _classify(err, self.settings)
+                failure = _classify(err, settings)
                 if failure is None:
                     raise  # not an endpoint failure: a bug, keep its traceback
                 if not isinstance(failure, _Retry):
-                    raise failure from None
-                if streamed:
-                    raise EndpointError(f"The answer broke off mid-stream: {failure}") from None
-                if attempt + 1 == tries:
-                    raise EndpointError(f"{failure} (tried {tries} times)") from None
-                self._sleep(_backoff(failure.wait, attempt, self.settings.retry_backoff))
+                    raise EndpointError(self._mask(str(failure))) from None
+                if time.monotonic() >= deadline - 0.05:
+                    raise EndpointError(self._mask(self._gave_up(attempt))) from None
+                if attempt == tries:
+                    raise EndpointError(self._mask(f"{failure} ({_tries(tries)})")) from None
+                wait = min(_backoff(failure.wait, attempt - 1, settings.retry_backoff),
+                           max(0.0, deadline - time.monotonic()))
+                on_status(self._mask(f"{failure.short}, retrying in {wait:.0f} s, "
+                                     f"{attempt}/{settings.max_retries}"), lasting=True)
+                waiting.start()
+                self._sleep(wait)
         raise AssertionError("unreachable")
 
-    def _send(self, request: dict, emit: Callable[[str], None]) -> AssistantTurn:
-        create = self.client().chat.completions.create
+    def _gave_up(self, tries: int) -> str:
+        return (f"{self._url} did not begin answering within "
+                f"{self.settings.first_token_timeout:g} s ({_tries(tries)}; the model may "
+                "still be loading or be overloaded; --first-token-timeout waits longer)")
+
+    def _send(self, request: dict, on_text: Callable[[str], None], waiting: Waiting,
+              deadline: float) -> AssistantTurn:
+        import openai
+
+        read = min(self.settings.timeout, deadline - time.monotonic())
+        timeout = openai.Timeout(read, connect=self.settings.connect_timeout)
+        create = self.client().chat.completions.with_streaming_response.create
+        waiting.start()
         if not self.settings.stream:
-            return _from_message(create(**request), safe_url(self.settings.base_url))
+            with create(**request, timeout=timeout) as response:
+                turn = reply.turn_from_body(response.read())
+            waiting.stop()
+            self._show(on_text, turn.content)
+            return turn
         # Closing the response (also on Ctrl-C) tells vLLM to stop generating.
-        with create(**request, stream=True) as stream:
-            return _from_stream(stream, emit)
+        with create(**request, stream=True, timeout=timeout) as response:
+            reader = reply.StreamReader()
+            try:
+                for piece in reader.read(_begun_by(response.iter_bytes(), reader, deadline)):
+                    waiting.stop()
+                    self._show(on_text, piece, final=False)
+                return reader.turn()
+            except reply.BrokenReply as err:
+                if reader.events:
+                    raise
+                kind = response.headers.get("content-type") or "no Content-Type"
+                raise reply.BrokenReply(f"{err} (it sent {kind})") from None
+            finally:  # whatever ends the stream, text held back by the masker is shown
+                self._show(on_text, "")
+
+    def _show(self, on_text: Callable[[str], None], text: str, final: bool = True) -> None:
+        """Text to the user with secrets masked (a secret split over chunks included)."""
+        shown = self._mask.feed(text) + (self._mask.flush() if final else "")
+        if shown:
+            on_text(shown)
 
 
-def _from_message(response, url: str) -> AssistantTurn:
-    if not getattr(response, "choices", None):
-        raise EndpointError(f"{url} did not answer like a chat-completions endpoint.")
-    choice = response.choices[0]
-    calls = [
-        ToolCall(call.id or "", call.function.name or "", _text(call.function.arguments))
-        for call in choice.message.tool_calls or []
-    ]
-    return AssistantTurn(choice.message.content or "", calls, choice.finish_reason)
+class Waiting:
+    """Tells `on_status`, once a second, how long booth has waited for the model's answer,
+    from a background thread, between `start` and `stop` (the clock runs from creation, so
+    it counts every try)."""
+
+    def __init__(self, on_status: Callable[..., None], mask: Callable[[str], str], what: str,
+                 limit: float, first_after: float = 2.0):
+        self.on_status, self.mask, self.what, self.limit = on_status, mask, what, limit
+        self.first_after = first_after
+        self.started = time.monotonic()
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._tick, args=(self._stop,), daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.on_status(None)
+
+    def _tick(self, stop: threading.Event) -> None:
+        while not stop.wait(max(0.05, min(1.0, self.started + self.first_after
+                                          - time.monotonic()))):
+            waited = time.monotonic() - self.started
+            if waited >= self.first_after:
+                self.on_status(self.mask(f"{self.what}… {waited:.0f} s "
+                                         f"(gives up at {self.limit:g} s)"))
 
 
-def _from_stream(stream, emit: Callable[[str], None]) -> AssistantTurn:
-    """Assemble a streamed turn: text as it comes, tool calls accumulated by index.
-
-    As vLLM streams them, a call's id and name come in its first delta and its arguments in
-    pieces after; a server that sends a call whole in one delta works the same way.
-    """
-    text: list[str] = []
-    slots: dict[int, dict[str, str]] = {}
-    finish = None
-    for chunk in stream:
-        for choice in chunk.choices or []:  # the final usage chunk has no choices
-            delta = choice.delta
-            if delta and delta.content:
-                text.append(delta.content)
-                emit(delta.content)
-            for part in (delta.tool_calls if delta else None) or []:
-                index = part.index if part.index is not None else len(slots)
-                slot = slots.setdefault(index, {"id": "", "name": "", "arguments": ""})
-                slot["id"] = part.id or slot["id"]
-                if part.function:
-                    slot["name"] = part.function.name or slot["name"]
-                    slot["arguments"] += _text(part.function.arguments)
-            finish = choice.finish_reason or finish
-    calls = [ToolCall(s["id"], s["name"], s["arguments"]) for _, s in sorted(slots.items())]
-    return AssistantTurn("".join(text), calls, finish)
+def _begun_by(chunks: Iterator[bytes], reader: reply.StreamReader,
+              deadline: float) -> Iterator[bytes]:
+    """The stream's bytes, ended once the deadline passes with no answer begun: a proxy's
+    keep-alive comments would otherwise reset every read timeout forever."""
+    for chunk in chunks:
+        if not reader.begun and time.monotonic() > deadline:
+            raise reply.BrokenReply("sent nothing but keep-alives")
+        yield chunk
 
 
-def _text(arguments: Any) -> str:
-    """Arguments as text; a few servers send an object rather than its JSON text."""
-    if arguments is None:
-        return ""
-    return arguments if isinstance(arguments, str) else json.dumps(arguments)
-
-
-def _normalize_ids(turn: AssistantTurn, messages: list[dict]) -> None:
-    """Give the turn's calls Mistral-valid ids unique in the conversation (in place)."""
-    used = {m["tool_call_id"] for m in messages if m.get("tool_call_id")}
-    for message in messages:
-        used.update(c.get("id") for c in message.get("tool_calls") or [] if c.get("id"))
-    for call in turn.tool_calls:
-        call.id = wire.normalize_call_id(call.id, used)
+def _tries(count: int) -> str:
+    return "tried once" if count == 1 else f"tried {count} times"
 
 
 def _backoff(server_wait: float | None, attempt: int, base: float) -> float:
@@ -161,31 +217,32 @@ def _backoff(server_wait: float | None, attempt: int, base: float) -> float:
 
 
 def _classify(err: Exception, settings: EndpointSettings) -> Exception | None:
-    """The user-facing failure for an SDK/transport error: `_Retry`, `EndpointError`, or
-    None when `err` is no endpoint failure at all."""
+    """The user-facing failure for an SDK/transport error or a broken reply: `_Retry`,
+    `EndpointError`, or None when `err` is no endpoint failure at all (a bug)."""
     import openai
 
     timeouts, transport, _ = _http_errors()
     url, model = safe_url(settings.base_url), settings.model
+    if isinstance(err, reply.BrokenReply):
+        return _Retry(f"{url} sent a broken answer: it {err}", "broken answer")
+    if _is_connect_failure(err):  # before timeouts: a connect timeout is one of them
+        hint = PRESETS.get(settings.provider, PRESETS["vllm"]).start_hint
+        return EndpointError(
+            f"Could not reach the model endpoint at {url} ({_root_cause(err)}). Start the "
+            f"server ({hint}), or point booth at another endpoint with --base-url or "
+            f"--provider ({', '.join(PRESETS)})."
+        )
     if isinstance(err, (openai.APITimeoutError, *timeouts)):
         return _Retry(
             f"{url} did not answer within {settings.timeout:g} s (the model may still be "
-            "loading or be overloaded; --timeout waits longer)"
+            "loading or be overloaded; --timeout waits longer)", "no answer in time"
         )
     if isinstance(err, (openai.APIConnectionError, *transport)):
-        reason = _root_cause(err)
-        if not _is_connect_failure(err):
-            return _Retry(f"The connection to {url} broke ({reason})")
-        hint = PRESETS.get(settings.provider, PRESETS["vllm"]).start_hint
-        return EndpointError(
-            f"Could not reach the model endpoint at {url} ({reason}). Start the server "
-            f"({hint}), or point booth at another endpoint with --base-url or "
-            f"--provider ({', '.join(PRESETS)})."
-        )
+        return _Retry(f"The connection to {url} broke ({_root_cause(err)})", "connection broke")
     if isinstance(err, openai.APIStatusError):
         return _status_failure(err, url, model, settings.api_key == LOCAL_KEY)
-    if isinstance(err, openai.APIError):  # an error event inside the stream
-        return EndpointError(f"{url} reported an error while answering: {_server_message(err)}")
+    if isinstance(err, openai.OpenAIError):  # anything else the SDK makes of a reply
+        return EndpointError(f"{url} could not be used: {_short(str(err))}")
     return None
 
 
@@ -205,7 +262,8 @@ def _status_failure(err, url: str, model: str, no_key: bool) -> Exception:
         )
     if status in (408, 429) or status >= 500:
         what = "is rate limiting requests" if status == 429 else "failed"
-        return _Retry(f"{url} {what} (HTTP {status}: {message})", _retry_after(err))
+        short = f"server busy ({status})" if status == 429 else f"server error ({status})"
+        return _Retry(f"{url} {what} (HTTP {status}: {message})", short, _retry_after(err))
     return EndpointError(f"{url} rejected the request (HTTP {status}): {message}")
 
 
@@ -218,9 +276,12 @@ def _server_message(err) -> str:
             body = inner.get("message") or inner.get("detail") or inner
         else:
             body = inner
-    text = body if isinstance(body, str) else json.dumps(body) if body else str(err)
+    return _short(body if isinstance(body, str) else reply.as_text(body) if body else str(err))
+
+
+def _short(text: str, limit: int = 500) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= 500 else text[:497] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _retry_after(err) -> float | None:
@@ -235,7 +296,7 @@ def _retry_after(err) -> float | None:
 
 
 def _http_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
-    """(timeout, transport, connect) error classes of the HTTP library under the SDK.
+    """(timeout, transport, connect-failure) error classes of the HTTP library under the SDK.
 
     Errors raised while iterating a stream are not wrapped by the SDK. openai 1.x/2.x sit on
     httpx, 3.x on its fork httpx2: accept whichever is installed.
@@ -251,7 +312,7 @@ def _http_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]
     return (
         tuple(m.TimeoutException for m in modules),
         tuple(m.TransportError for m in modules),
-        tuple(m.ConnectError for m in modules),
+        tuple(c for m in modules for c in (m.ConnectError, m.ConnectTimeout)),
     )
 
 
@@ -269,3 +330,4 @@ def _is_connect_failure(err: BaseException) -> bool:
             return True
         err = err.__cause__
     return False
+

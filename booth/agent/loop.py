@@ -22,7 +22,14 @@ from booth.agent.history import estimate_tokens, fit_history
 from booth.agent.model import AssistantTurn, ChatModel, EndpointError, ToolCall, TurnEnded
 from booth.agent.transcript import TranscriptWriter, open_for_resume, unanswered_calls
 from booth.agent.ui import ChatUI
-from booth.tools import TOOLS, ToolArgumentError, ToolError, parse_arguments
+from booth.tools import (
+    TOOLS,
+    Terminated,
+    ToolArgumentError,
+    ToolError,
+    get_tool,
+    parse_arguments,
+)
 
 log = logging.getLogger("booth.agent")
 
@@ -40,6 +47,11 @@ class InvalidCallLimit(AgentStop):
 
 class TurnLimit(AgentStop):
     pass
+
+
+class UserStopped(AgentStop):
+    """A Ctrl-C stopped a tool at a safe point: the turn ends there and the person types
+    next; the model reads of the stop (in the tool's answer) with that next message."""
 
 
 class SessionAborted(KeyboardInterrupt):
@@ -84,7 +96,9 @@ class Session:
         """Add the user's message and run the model until it answers without tool calls.
 
         Returns False when the turn ended early (endpoint error, too many invalid calls,
-        too many model turns, Ctrl-C while the model was answering); the session goes on.
+        too many model turns, Ctrl-C); the session goes on. SIGTERM (Terminated) and a
+        second Ctrl-C (SessionAborted) end the session: they propagate, after the history
+        has been made valid again and the end recorded.
         """
         self._add("user", {"role": "user", "content": text})
         return self.run()
@@ -104,17 +118,28 @@ class Session:
             self.ui.error(str(error))
             self._record("endpoint_error", error=str(error))
         except (AgentStop, TurnEnded) as error:
+            self._answer_unanswered("the turn ended before it ran")
             self.ui.notice(str(error))
             self._record("notice", text=str(error))
         except SessionAborted:
+            self._answer_unanswered("the user aborted the session")
+            raise
+        except Terminated:
+            self._answer_unanswered("booth was terminated (SIGTERM) before it ran")
+            self._record("interrupted", text="terminated (SIGTERM): the session ends")
             raise
         except KeyboardInterrupt:  # Ctrl-C outside a tool, e.g. while the model was answering
-            for call_id, name in unanswered_calls(self.messages):  # keep the history valid
-                self._answer(call_id, "Error: not run: the user interrupted.", "tool_result",
-                             tool=name, ok=False, error="interrupted before it ran")
+            self._answer_unanswered("the user interrupted")
             self.ui.notice("Interrupted. Type a new message.")
             self._record("interrupted", text="the user interrupted the turn")
         return False
+
+    def _answer_unanswered(self, why: str) -> None:
+        """Answer the calls of the last turn left without a result: Mistral refuses a history
+        in which a call has no answer."""
+        for call_id, name in unanswered_calls(self.messages):
+            self._answer(call_id, f"Error: not run: {why}.", "tool_result", tool=name,
+                         ok=False, error=f"not run: {why}")
 
     def _query(self) -> tuple[AssistantTurn, dict]:
         if self.live_workspace:
@@ -129,8 +154,10 @@ class Session:
                 self.ui.notice(notice)
                 self._record("notice", text=notice)
             self._last_notice = notice
-        turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text)
+        turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text,
+                                   on_status=self.ui.status)
         self.ui.end_text()
+        # The one place call ids are made valid and unique; calls are answered with these.
         sent = wire.assistant_message(turn, self._used_ids())
         raw_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                      for c in turn.tool_calls]
@@ -139,10 +166,7 @@ class Session:
         return turn, sent
 
     def _used_ids(self) -> set[str]:
-        used = {m["tool_call_id"] for m in self.messages if m.get("tool_call_id")}
-        for message in self.messages:
-            used.update(c["id"] for c in message.get("tool_calls") or [])
-        return used
+        return wire.used_call_ids(self.messages)
 
     # -- tool calls -----------------------------------------------------------------------
     def _execute(self, calls: list[ToolCall], ids: list[str]) -> None:
@@ -162,7 +186,7 @@ class Session:
 
     def _handle(self, call: ToolCall, call_id: str) -> None:
         try:
-            tool = self._lookup(call.name)
+            tool = get_tool(call.name, self.tools)
             arguments = tool.validate(parse_arguments(call.arguments))
         except ToolArgumentError as error:
             self.invalid_in_row += 1
@@ -182,20 +206,15 @@ class Session:
         self._record("approval", **fields)
         self._run_tool(tool, call_id, decision.arguments, edited=decision.edited)
 
-    def _lookup(self, name: str):
-        if name not in self.tools:
-            raise ToolArgumentError(f"unknown tool {name!r}; available: {', '.join(self.tools)}")
-        return self.tools[name]
-
     def _run_tool(self, tool, call_id: str, arguments: dict, edited: bool = False) -> None:
         outcome: dict[str, Any] = {"ok": True}
         start = time.monotonic()
         try:
             with self.ctx.interruptible(SessionAborted, "abort the session"):
-                outcome["result"] = tool.run(self.ctx, arguments)
+                outcome["result"] = tool.call(self.ctx, arguments)  # validated in _handle
         except ToolError as error:
             outcome = {"ok": False, "error": str(error)}
-        except KeyboardInterrupt:  # the second Ctrl-C: answer the call, then end the session
+        except KeyboardInterrupt:  # the second signal: answer the call, then end the session
             self._answer(call_id, "Error: the user aborted the session (Ctrl-C) while this "
                          "tool ran.", "tool_result", tool=tool.name, arguments=arguments,
                          ok=False, error="aborted", seconds=round(time.monotonic() - start, 3))
@@ -216,11 +235,14 @@ class Session:
         else:
             self.ui.tool_error(tool.name, outcome["error"])
             text = f"Error: {outcome['error']}"
-        if self.ctx.stop_requested.is_set():
+        stopped, terminated = self.ctx.stop_requested.is_set(), self.ctx.terminated.is_set()
+        if stopped:
             self.ctx.stop_requested.clear()
-            text = ("The user pressed Ctrl-C while the tool ran, asking it to stop at a safe "
-                    "point; its result: " + text)
-            self._record("interrupted", call_id=call_id, text="Ctrl-C: tool asked to stop")
+            who = "booth was terminated (SIGTERM)" if terminated else "The user pressed Ctrl-C"
+            text = f"{who} while the tool ran, asking it to stop at a safe point; its result: " \
+                + text
+            self._record("interrupted", call_id=call_id,
+                         text=f"{'SIGTERM' if terminated else 'Ctrl-C'}: tool asked to stop")
         if edited:  # the history holds the model's arguments: say what really ran
             changed = json.dumps(arguments, ensure_ascii=False, default=str)
             text = f"The user edited the arguments before running; it ran with {changed}. " + text
@@ -228,6 +250,11 @@ class Session:
                              **outcome)
         if self.on_result:
             self.on_result(event)
+        if terminated:
+            raise Terminated
+        if stopped:
+            raise UserStopped("Stopped at a safe point, as you asked. Type what to do next "
+                              "(the model will be told it stopped).")
 
     # -- messages and transcript ------------------------------------------------------------
     @staticmethod

@@ -45,10 +45,12 @@ class ChatModel(Protocol):
         messages: list[dict],
         tools: list[dict],
         on_text: Callable[[str], None] | None = None,
+        on_status: Callable[..., None] | None = None,
     ) -> AssistantTurn:
-        """One assistant turn. `on_text` receives text chunks as they stream in."""
+        """One assistant turn. `on_text` receives the turn's text (in chunks as they stream
+        in); `on_status(text, lasting=False)` what the model side is waiting for (a ticking
+        wait when not `lasting`, e.g. a retry notice when it is; None clears it)."""
         ...
-
 
 
 class ScriptedModel:
@@ -61,7 +63,7 @@ class ScriptedModel:
         self.turns = list(turns)
         self.requests: list[tuple[list[dict], list[dict]]] = []
 
-    def complete(self, messages, tools, on_text=None) -> AssistantTurn:
+    def complete(self, messages, tools, on_text=None, on_status=None) -> AssistantTurn:
         self.requests.append((list(messages), list(tools)))
         if not self.turns:
             raise EndpointError(
@@ -94,10 +96,10 @@ class ReplayModel(ScriptedModel):
         self.turns, self.ended = list(turns), ended
         self._recorded, self._asked = len(self.turns), 0
 
-    def complete(self, messages, tools, on_text=None) -> AssistantTurn:
+    def complete(self, messages, tools, on_text=None, on_status=None) -> AssistantTurn:
         self._asked += 1
         if self.turns:
-            return super().complete(messages, tools, on_text)
+            return super().complete(messages, tools, on_text, on_status)
         if self.ended:
             raise TurnEnded(f"The recorded session ended this turn here ({self.ended}).")
         raise EndpointError(

@@ -1,19 +1,24 @@
 """The system prompt: booth/prompts/system.md filled with the actual state of the workspace.
 
 The model plans from facts (which datasets, prior sets, runs and checkpoints exist, on which
-device) rather than guesses. Every file is read defensively: a broken manifest is reported
-as "unreadable" and never stops a chat from starting.
+device) rather than guesses. The facts come from booth.tools.workspace.describe_workspace,
+which reads every file defensively: a broken manifest is reported as "unreadable" and never
+stops a chat from starting; this module only words them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import re
 from datetime import date
 from importlib import resources
 from pathlib import Path
-from typing import Any
+
+from booth.tools.workspace import (
+    INTERRUPTED,
+    NO_FINAL_MODEL,
+    TRAINING_OR_CRASHED,
+    describe_workspace,
+)
 
 
 def load_template(name: str = "system.md") -> str:
@@ -28,7 +33,7 @@ def build_system_prompt(ctx, today: date | None = None, device: str | None = Non
         "device": device if device is not None else device_line(),
         "base_model": ctx.base_model,
         "workspace": str(ctx.workspace.root),
-        "state": workspace_state(ctx.workspace.root),
+        "state": workspace_state(ctx.workspace),
     }
     text = load_template()
     # str.replace rather than str.format: the template may hold JSON braces one day.
@@ -52,12 +57,13 @@ def device_line() -> str:
     return f"cuda: {props.name}, {props.total_memory / 2**30:.0f} GB{more}"
 
 
-def workspace_state(root: Path) -> str:
-    """Markdown lists of the datasets, prior sets and runs found under `root`."""
+def workspace_state(workspace) -> str:
+    """Markdown lists of the datasets, prior sets and runs of `workspace`."""
+    state = describe_workspace(workspace)
     sections = [
-        ("Datasets (datasets/)", [_dataset_line(p) for p in _folders(root / "datasets")]),
-        ("Prior sets (priors/)", [_priors_line(p) for p in _folders(root / "priors")]),
-        ("Runs (runs/)", [_run_line(p) for p in _folders(root / "runs")]),
+        ("Datasets (datasets/)", [_dataset_line(d) for d in state["datasets"]]),
+        ("Prior sets (priors/)", [_priors_line(p) for p in state["prior_sets"]]),
+        ("Runs (runs/)", [_run_line(r) for r in state["runs"]]),
     ]
     lines = []
     for title, items in sections:
@@ -66,104 +72,44 @@ def workspace_state(root: Path) -> str:
     return "\n".join(lines)
 
 
-def _folders(path: Path) -> list[Path]:
-    try:
-        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        return []
+def _settings(values: dict) -> list[str]:
+    return [f"{key} {value!r}" for key, value in values.items() if value not in (None, "")]
 
 
-def _read_json(path: Path) -> Any:
-    """The parsed file, or None when missing or broken (the caller says 'unreadable')."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _count(value: Any) -> Any:
-    return len(value) if isinstance(value, (list, dict)) else value
-
-
-def _dataset_line(folder: Path) -> str:
-    manifest = _read_json(folder / "manifest.json")
-    if not isinstance(manifest, dict):
-        return f"{folder.name}: manifest.json missing or unreadable"
-    kept = next((_count(manifest[k]) for k in ("kept", "images", "num_images") if k in manifest),
-                "?")
-    parts = [f"{folder.name}: {kept} images kept"]
-    for key in ("instance_prompt", "class_prompt", "resolution"):
-        if manifest.get(key):
-            parts.append(f"{key} {manifest[key]!r}")
-    rejected = manifest.get("rejected")
-    if rejected:
-        parts.append(f"{_count(rejected)} rejected")
+def _dataset_line(dataset: dict) -> str:
+    if dataset.get("error"):
+        return f"{dataset['name']}: {dataset['error']}"
+    parts = [f"{dataset['name']}: {dataset['images']} images kept"]
+    parts += _settings({k: dataset[k] for k in ("instance_prompt", "class_prompt", "resolution")})
+    if dataset["rejected"]:
+        parts.append(f"{dataset['rejected']} rejected")
     return ", ".join(parts)
 
 
-def _priors_line(folder: Path) -> str:
-    info = _read_json(folder / "priors.json")
-    if not isinstance(info, dict):
-        return f"{folder.name}: priors.json missing or unreadable"
-    count = next((_count(info[k]) for k in ("count", "num_images", "images") if k in info), None)
-    if count is None:
-        count = len(list(folder.glob("*.png"))) + len(list(folder.glob("*.jpg")))
-    key = info.get("key") if isinstance(info.get("key"), dict) else {}
-    prompt = info.get("prompt") or info.get("class_prompt") or key.get("prompt") or "?"
-    size = f" at {key['resolution']} px" if key.get("resolution") else ""
-    return f"{folder.name}: {count} images of {prompt!r}{size}"
+def _priors_line(priors: dict) -> str:
+    if priors.get("error"):
+        return f"{priors['name']}: {priors['error']}"
+    size = f" at {priors['resolution']} px" if priors.get("resolution") else ""
+    return f"{priors['name']}: {priors['images']} images of {priors['prompt']!r}{size}"
 
 
-def _run_line(folder: Path) -> str:
-    parts = [folder.name + ":"]
-    parts.append(_run_config(folder / "run.yaml"))
-    steps = _checkpoint_steps(folder / "checkpoints")
-    parts.append(f"checkpoints at steps {', '.join(map(str, steps))}" if steps
-                 else "no checkpoints")
-    loss = _last_metric(folder / "metrics.jsonl")
-    if loss:
-        parts.append(loss)
-    outputs = [name + "/" for name in ("final", "lora") if (folder / name).is_dir()]
-    parts.append("finished: " + " ".join(outputs) if outputs else "no final weights yet")
-    return " ".join(parts[:2]) + "; " + "; ".join(parts[2:])
+_WHY_NOT_FINISHED = {
+    INTERRUPTED: "interrupted; resume_checkpoint continues it",
+    TRAINING_OR_CRASHED: "still training, or crashed after its last checkpoint",
+    NO_FINAL_MODEL: "stopped while exporting; resume_checkpoint exports it",
+}
 
 
-def _run_config(path: Path) -> str:
-    import yaml  # only here: a workspace with runs pays for it
-
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
-        return "run.yaml missing or unreadable"
-    if not isinstance(config, dict):
-        return "run.yaml unreadable"
-    keys = ("instance_prompt", "class_prompt", "max_train_steps", "learning_rate", "use_lora",
-            "resolution")
-    return ", ".join(f"{k} {config[k]!r}" for k in keys if config.get(k) is not None)
-
-
-def _checkpoint_steps(folder: Path) -> list[int]:
-    steps = []
-    for path in _folders(folder):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match:
-            steps.append(int(match.group(1)))
-    return sorted(steps)
-
-
-def _last_metric(path: Path) -> str | None:
-    """'last loss 0.123 at step 40' from the last readable line of metrics.jsonl."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash; the one before it is fine
-        if isinstance(record, dict) and "loss" in record:
-            loss = record["loss"]
-            loss = f"{loss:.4g}" if isinstance(loss, (int, float)) else str(loss)
-            return f"last loss {loss} at step {record.get('step', '?')}"
-    return None
+def _run_line(run: dict) -> str:
+    config = ", ".join(_settings(run["config"])) if run["config"] is not None \
+        else "run.yaml missing or unreadable"
+    steps = run["checkpoints"]
+    parts = [f"checkpoints at steps {', '.join(map(str, steps))}" if steps
+             else "no checkpoints"]
+    if run["last_loss"] is not None:
+        parts.append(f"last loss {run['last_loss']:.4g}")
+    if run["final_model"]:
+        parts.append(f"finished: {Path(run['final_model']).name}/")
+    else:
+        parts.append(f"no final weights yet ({_WHY_NOT_FINISHED.get(run['status'], '?')})")
+    return f"{run['name']}: {config}; " + "; ".join(parts)

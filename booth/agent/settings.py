@@ -60,6 +60,9 @@ class EndpointSettings:
     """Everything needed to reach one OpenAI-compatible endpoint, and how to sample from it.
 
     Sampling parameters left at None are not sent, so the server's defaults apply.
+    A `user:password@` in `base_url` is sent nowhere: the HTTP library would turn it into
+    Basic auth in place of the Bearer `api_key`, which is what OpenAI-compatible servers
+    check. It is treated as a secret (masked in everything shown) and `describe` says so.
     `repetition_penalty` is not an OpenAI parameter: vLLM takes it as an extra field,
     llama.cpp under its own name `repeat_penalty`; Ollama's OpenAI endpoint ignores it and
     Mistral's API documents no such field, so booth does not send it there.
@@ -77,9 +80,24 @@ class EndpointSettings:
     repetition_penalty: float | None = None
     stream: bool = True
     timeout: float = 120.0  # seconds without a byte from the server (per read) before giving up
+    # Seconds, all tries of one turn together, booth waits for an answer to begin (for a whole
+    # answer when not streaming): a hung endpoint ends here with a clear message.
+    first_token_timeout: float = 180.0
+    connect_timeout: float = 5.0  # seconds to open a connection: a host that is down says so fast
     max_retries: int = 3  # on 429, 5xx and timeouts; booth retries itself, the SDK never does
     retry_backoff: float = 1.0  # seconds before the first retry, doubling, unless the server says
     context_window: int = 131072  # tokens the server accepts, prompt and reply together
+
+    def secrets(self) -> list[str]:
+        """What must never be shown or written: the key (not the local placeholder) and any
+        user:password in the URL."""
+        found = [self.api_key] if self.api_key and self.api_key != LOCAL_KEY else []
+        parts = urlsplit(self.base_url)
+        if parts.password:
+            found.append(parts.password)
+        if "@" in parts.netloc:
+            found.append(parts.netloc.rsplit("@", 1)[0])
+        return [s for s in found if len(s) >= 4]
 
     @property
     def reply_reserve(self) -> int:
@@ -108,6 +126,8 @@ class EndpointSettings:
                 f"{self.provider} does not take it)"
             )
         parts += [f"{k} {v}" for k, v in sampling.items()]
+        if "@" in urlsplit(self.base_url).netloc:
+            parts.append("user:password in the URL not sent")
         parts.append("streaming" if self.stream else "not streaming")
         parts.append(f"context {self.context_window} tokens")
         return ", ".join(parts)

@@ -7,6 +7,8 @@ exactly as the live chat did, and tests can capture it with `Console(file=String
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 from rich.console import Console, Group
@@ -16,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 _VALUE_WIDTH = 90
+_PIPE_STATUS_EVERY = 15.0  # seconds between waiting lines when the console is no terminal
 
 
 def _short(value: Any, width: int = _VALUE_WIDTH) -> str:
@@ -50,9 +53,52 @@ def arguments_table(arguments: dict, defaults: dict | None = None,
 class ChatUI:
     """Everything the user sees of the agent, printed through one rich console."""
 
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console | None = None, secrets: list[str] | None = None):
         self.console = console or Console(highlight=False)
+        if secrets:
+            self.hide(secrets)
         self._streaming = False
+        self._status = None  # the live waiting line on a terminal
+        self._status_printed: float | None = None  # when a pipe last got a waiting line
+        self._lock = threading.Lock()  # the endpoint reports waits from a background thread
+
+    def hide(self, secrets: list[str]) -> None:
+        """Mask `secrets` (e.g. `EndpointSettings.secrets()`) in everything this console
+        prints, whoever prints it (approval prompts share the console)."""
+        from booth.agent.masking import MaskingFile
+
+        if [s for s in secrets if s]:
+            self.console.file = MaskingFile(self.console.file, secrets)
+
+    # -- waiting for the model --------------------------------------------------------------
+    def status(self, text: str | None, lasting: bool = False) -> None:
+        """What booth waits for. A ticking wait ("waiting for the model… 20 s") is one live
+        line on a terminal and an occasional line in a pipe; a `lasting` one (a retry) is
+        printed; None clears the live line."""
+        with self._lock:
+            if text is None or lasting:
+                if self._status is not None:
+                    self._status.stop()
+                    self._status = None
+                self._status_printed = None if text is None else self._status_printed
+            if text is None:
+                return
+            if lasting:
+                self.end_text()
+                self.console.print(f"[yellow]{escape(text)}[/]", highlight=False)
+            elif self.console.is_terminal:
+                if self._status is None:
+                    self._status = self.console.status(escape(text))
+                    self._status.start()
+                else:
+                    self._status.update(escape(text))
+            else:
+                now = time.monotonic()
+                if self._status_printed is None or now - self._status_printed >= \
+                        _PIPE_STATUS_EVERY:
+                    self._status_printed = now
+                    self.end_text()
+                    self.console.print(f"[dim]{escape(text)}[/]", highlight=False)
 
     # -- assistant text -------------------------------------------------------------------
     def text(self, chunk: str) -> None:

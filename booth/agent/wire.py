@@ -59,19 +59,28 @@ def normalize_call_id(raw: str | None, used: set[str]) -> str:
     return candidate
 
 
+def used_call_ids(messages: list[dict]) -> set[str]:
+    """Every tool-call id the conversation has used, in calls and in the answers to them."""
+    used = {m["tool_call_id"] for m in messages if isinstance(m.get("tool_call_id"), str)}
+    for message in messages:
+        used.update(c["id"] for c in message.get("tool_calls") or []
+                    if isinstance(c, dict) and isinstance(c.get("id"), str))
+    return used
+
+
 def repair_arguments(raw: Any) -> str:
     """Canonical JSON text of a call's arguments for the history: an object or `{}`.
 
     The raw text stays in the transcript (and is what the model is told was malformed);
     only what is re-sent is repaired, because vLLM re-parses it and answers 400 otherwise.
     """
-    if isinstance(raw, dict):
-        return json.dumps(raw, ensure_ascii=False)
     try:
+        if isinstance(raw, dict):
+            return json.dumps(raw, ensure_ascii=False)
         parsed = json.loads(raw) if isinstance(raw, (str, bytes)) else None
-    except (ValueError, TypeError):
-        parsed = None
-    return json.dumps(parsed, ensure_ascii=False) if isinstance(parsed, dict) else "{}"
+        return json.dumps(parsed, ensure_ascii=False) if isinstance(parsed, dict) else "{}"
+    except (ValueError, TypeError, RecursionError):  # nested too deep for json: a malformed call
+        return "{}"
 
 
 def safe_function_name(name: Any) -> str:
@@ -158,7 +167,7 @@ def _check_arguments(index: int, call: dict) -> None:
     arguments = (call.get("function") or {}).get("arguments")
     try:
         ok = isinstance(json.loads(arguments), dict)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         ok = False
     if not ok:
         raise WireError(

@@ -18,14 +18,22 @@ import re
 import shutil
 from pathlib import Path
 
+from booth.dreambooth.errors import CheckpointError
+from booth.schema import pattern
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"
 TMP_PREFIX = ".tmp-"
-_NAME_RE = re.compile(r"^(?:checkpoint-)?(\d+)$")
+# The one spelling of checkpoint names: folders are `checkpoint-<step>`; a user or the model
+# may also say `<step>` or "latest" (CHOICE is that rule as a JSON-schema pattern).
+_FOLDER_RE = re.compile(r"checkpoint-(\d{1,9})")
+_STEP_RE = re.compile(r"(?:checkpoint-)?(\d{1,9})")
+CHOICE = pattern(r"^(latest|(checkpoint-)?[0-9]{1,9})$",
+                 "'latest', 'checkpoint-<step>' or '<step>'")
 
 
-class CheckpointError(FileNotFoundError):
-    """No checkpoint matches what was asked; the message lists the ones there are."""
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -35,7 +43,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for path in folder.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        match = _FOLDER_RE.fullmatch(path.name)
         if match and (path / STATE_FILE).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
@@ -48,11 +56,11 @@ def resolve_checkpoint(run_dir: str | Path, name: str | int = "latest") -> tuple
         raise CheckpointError(f"run {Path(run_dir).name!r} has no complete checkpoint yet")
     if str(name) == "latest":
         return available[-1]
-    match = _NAME_RE.match(str(name))
+    match = _STEP_RE.fullmatch(str(name))
     steps = dict(available)
     if match and int(match.group(1)) in steps:
         return int(match.group(1)), steps[int(match.group(1))]
-    names = ", ".join(f"checkpoint-{step}" for step, _ in available)
+    names = ", ".join(checkpoint_name(step) for step, _ in available)
     raise CheckpointError(
         f"run {Path(run_dir).name!r} has no checkpoint {name!r}; available: {names} (or 'latest')"
     )
@@ -77,8 +85,8 @@ def sweep_temporary(run_dir: str | Path) -> None:
 def save_checkpoint(accelerator, run_dir: Path, state: dict) -> Path:
     """accelerate's save_state into a temporary folder, then one rename to checkpoint-<step>."""
     step = state["step"]
-    final = run_dir / CHECKPOINTS / f"checkpoint-{step}"
-    tmp = run_dir / CHECKPOINTS / f"{TMP_PREFIX}checkpoint-{step}"
+    final = run_dir / CHECKPOINTS / checkpoint_name(step)
+    tmp = run_dir / CHECKPOINTS / f"{TMP_PREFIX}{checkpoint_name(step)}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -116,7 +124,7 @@ def discard_after(run_dir: Path, step: int) -> list[int]:
     """Resuming from `step` rewrites what came after it: drop the later checkpoints."""
     dropped = [s for s, path in list_checkpoints(run_dir) if s > step]
     for s in dropped:
-        remove_dir(run_dir / CHECKPOINTS / f"checkpoint-{s}")
+        remove_dir(run_dir / CHECKPOINTS / checkpoint_name(s))
     return dropped
 
 

@@ -1,5 +1,10 @@
 """The one description of a DreamBooth run: a dataclass whose fields carry their reasons.
 
+Each setting a user may give is `Annotated[type, Param(description, bounds)]`: the `train`
+tool's schema, the validation before it runs and the check of a config read from YAML all
+come from these lines. Fields without a Param (paths) are filled in by the code that starts
+the run. `check()` adds only the rules a schema cannot say.
+
 Layers, last wins: the defaults below -> a YAML file -> explicit overrides. The fully resolved
 config is written as `run.yaml` beside every run, so a run can be read, repeated and resumed.
 """
@@ -9,84 +14,108 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-LR_SCHEDULERS = (
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-)
-TRACKERS = ("tensorboard", "wandb", "none")
+from booth.dreambooth.errors import ConfigError
+from booth.schema import NOT_BLANK, PATH, Param, errors, settings_schema
 
+__all__ = ["ConfigError", "SUMMARY_FIELDS", "TrainConfig", "load_config"]
 
-class ConfigError(ValueError):
-    """A config value is out of range or inconsistent; the message names the field."""
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+Precision = Literal["no", "fp16", "bf16"]
+Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine",
+                    "cosine_with_restarts", "polynomial"]
+STEPS = {"minimum": 1, "maximum": 1_000_000}
+SEED = {"minimum": 0, "maximum": 2**32 - 1}
 
 
 @dataclass
 class TrainConfig:
     # --- what to learn from ---------------------------------------------------------------
-    # A diffusers SD-1.x pipeline folder or a hub id; VAE, tokenizer and scheduler come from it.
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # VAE, tokenizer and scheduler come from the base model too.
+    base_model: Annotated[str, Param("Diffusers SD-1.x folder or hub id", min_length=1,
+                                     max_length=1000, pattern=PATH)] = DEFAULT_BASE_MODEL
     # The run folder: run.yaml, metrics.jsonl, logs/, checkpoints/, final/ or lora/.
     output_dir: str = "runs/dreambooth"
     # The 3-20 subject photos; one prompt binds them all to the rare identifier.
     instance_images: list[str] = field(default_factory=list)
-    instance_prompt: str = "a photo of sks dog"
-    # Class images ("a photo of a dog") made by the base model: they keep the class from
-    # collapsing onto the subject. Needed only when prior_loss_weight > 0.
+    instance_prompt: Annotated[str, Param("Prompt that binds the subject photos to the "
+                                          "identifier, e.g. 'a photo of sks dog'",
+                                          min_length=1, max_length=300,
+                                          pattern=r"^[^\n\r]+$")] = "a photo of sks dog"
+    # Class images keep the class from collapsing onto the subject; needed only when
+    # prior_loss_weight > 0.
     class_data_dir: str | None = None
-    class_prompt: str | None = None
-    # Square training size; images are resized on their short side and centre-cropped.
-    resolution: int = 512
-    # Mirror images at random. Off by default: a subject's asymmetric marks (a parting, a
-    # logo) would be learned both ways. The choice is seeded by (seed, epoch, index).
-    random_flip: bool = False
+    class_prompt: Annotated[str | None, Param("Prompt of the class images, e.g. 'a photo of "
+                                              "a dog'", min_length=1, max_length=300,
+                                              pattern=NOT_BLANK)] = None
+    # Images are resized on their short side and centre-cropped.
+    resolution: Annotated[int, Param("Square training resolution in pixels, a multiple of 8",
+                                     minimum=64, multiple_of=8)] = 512
+    # Off by default: a subject's asymmetric marks (a parting, a logo) would be learned both
+    # ways. The choice is seeded by (seed, epoch, index).
+    random_flip: Annotated[bool, Param("Mirror images at random (avoid for asymmetric "
+                                       "subjects)")] = False
 
     # --- optimisation ---------------------------------------------------------------------
-    # DreamBooth practice: ~400 steps without priors, ~800 with ~200 class images.
-    max_train_steps: int = 400
-    # 5e-6 for full fine-tuning (faces 1e-6..2e-6); LoRA wants 1e-4..5e-4.
-    learning_rate: float = 5e-6
-    # loss = instance MSE + prior_loss_weight * class MSE; 0 turns prior preservation off.
-    prior_loss_weight: float = 1.0
-    # Instance examples per micro-batch; with priors each batch also holds as many class ones.
-    train_batch_size: int = 1
-    # Micro-batches summed into one optimizer step: a larger batch on a small GPU.
-    gradient_accumulation_steps: int = 1
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    max_train_steps: Annotated[int, Param("Optimizer steps: ~400 without priors, ~800 with "
+                                          "prior preservation", **STEPS)] = 400
+    learning_rate: Annotated[float, Param("5e-6 for full fine-tuning (faces 1e-6..2e-6); "
+                                          "1e-4..5e-4 with LoRA", exclusive_minimum=0,
+                                          exclusive_maximum=1)] = 5e-6
+    # loss = instance MSE + prior_loss_weight * class MSE.
+    prior_loss_weight: Annotated[float, Param("Weight of the class-image loss; 0 turns prior "
+                                              "preservation off", minimum=0,
+                                              maximum=10)] = 1.0
+    # With priors each batch also holds as many class images.
+    train_batch_size: Annotated[int, Param("Subject images per batch (as many class images "
+                                           "are added)", minimum=1, maximum=64)] = 1
+    # A larger batch on a small GPU.
+    gradient_accumulation_steps: Annotated[int, Param("Batches per optimizer step", minimum=1,
+                                                      maximum=64)] = 1
+    lr_scheduler: Annotated[Scheduler, Param("Learning-rate schedule")] = "constant"
+    lr_warmup_steps: Annotated[int, Param("Warm-up steps of the schedule", minimum=0,
+                                          maximum=1_000_000)] = 0
+    adam_beta1: Annotated[float, Param("AdamW beta1", minimum=0, exclusive_maximum=1)] = 0.9
+    adam_beta2: Annotated[float, Param("AdamW beta2", minimum=0, exclusive_maximum=1)] = 0.999
+    adam_weight_decay: Annotated[float, Param("AdamW weight decay", minimum=0,
+                                              maximum=1)] = 1e-2
+    adam_epsilon: Annotated[float, Param("AdamW epsilon", exclusive_minimum=0,
+                                         maximum=1)] = 1e-8
     # Clipping keeps one bad batch from wrecking a few-image fine-tune.
-    max_grad_norm: float = 1.0
-    # Everything random (data order, flips, noise, timesteps, LoRA init) follows this seed.
-    seed: int = 0
+    max_grad_norm: Annotated[float, Param("Clip gradients to this norm; 0 turns clipping off",
+                                          minimum=0, maximum=1000)] = 1.0
+    # Data order, flips, noise, timesteps and LoRA init all follow it.
+    seed: Annotated[int, Param("Seed of data order, noise and timesteps", **SEED)] = 0
 
-    # --- what is trained ------------------------------------------------------------------
-    # Best fidelity, at the cost of memory; the VAE is always frozen.
-    train_text_encoder: bool = True
-    # Train small low-rank adapters instead of the full weights: fits small GPUs, tiny files.
-    use_lora: bool = False
-    lora_rank: int = 4
+    # --- what is trained (the VAE is always frozen) ----------------------------------------
+    train_text_encoder: Annotated[bool, Param("Also fine-tune the text encoder (best "
+                                              "fidelity, more memory)")] = True
+    use_lora: Annotated[bool, Param("Train small LoRA adapters instead of all weights (small "
+                                    "GPUs, small files)")] = False
+    lora_rank: Annotated[int, Param("LoRA rank", minimum=1, maximum=256)] = 4
 
     # --- memory and speed (GPU tricks are ignored, with a warning, where they cannot work) --
-    # "fp16"/"bf16" autocast; trained weights stay fp32 (fp16 ones cannot be unscaled).
-    mixed_precision: str = "no"
-    # Recompute activations in the backward pass: much less memory, ~20% slower.
-    gradient_checkpointing: bool = False
-    # bitsandbytes' 8-bit AdamW; only on CUDA with bitsandbytes installed, else plain AdamW.
-    use_8bit_adam: bool = False
+    # Trained weights stay fp32 under autocast: fp16 ones cannot be unscaled.
+    mixed_precision: Annotated[Precision, Param("Autocast precision; fp16/bf16 need a GPU to "
+                                                "pay off")] = "no"
+    gradient_checkpointing: Annotated[bool, Param("Trade ~20% speed for much less GPU "
+                                                  "memory")] = False
+    # Only on CUDA with bitsandbytes installed, else plain AdamW.
+    use_8bit_adam: Annotated[bool, Param("8-bit AdamW (CUDA + bitsandbytes only; otherwise "
+                                         "plain AdamW)")] = False
 
     # --- checkpoints and tracking ---------------------------------------------------------
-    # Full training state (weights, optimizer, scheduler, RNGs, step) every N optimizer steps.
-    checkpointing_steps: int = 200
-    # Keep at most this many checkpoints (oldest removed first); None keeps them all.
-    checkpoints_total_limit: int | None = None
-    report_to: str = "tensorboard"
+    # The full training state (weights, optimizer, scheduler, RNGs, step).
+    checkpointing_steps: Annotated[int, Param("Save the full training state every N steps",
+                                              **STEPS)] = 200
+    # Oldest removed first; None keeps them all.
+    checkpoints_total_limit: Annotated[int | None, Param("Keep only the newest N checkpoints",
+                                                         minimum=1, maximum=1000)] = None
+    report_to: Annotated[Literal["tensorboard", "wandb", "none"],
+                         Param("Experiment tracker for the metrics")] = "tensorboard"
 
     @property
     def with_prior_preservation(self) -> bool:
@@ -94,18 +123,9 @@ class TrainConfig:
 
     def check(self) -> TrainConfig:
         """Raise ConfigError for values that cannot train; return self for chaining."""
-        _at_least(self, 1, "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                  "checkpointing_steps", "lora_rank")
-        _at_least(self, 0, "lr_warmup_steps", "seed", "prior_loss_weight", "max_grad_norm")
-        if not 0 < self.learning_rate < 1:
-            raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
-        if self.resolution < 64 or self.resolution % 8:
-            raise ConfigError(f"resolution must be a multiple of 8, >= 64; got {self.resolution}")
-        _one_of(self, "mixed_precision", MIXED_PRECISION)
-        _one_of(self, "lr_scheduler", LR_SCHEDULERS)
-        _one_of(self, "report_to", TRACKERS)
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ConfigError("checkpoints_total_limit must be >= 1 (or None to keep all)")
+        problems = errors(settings_schema(TrainConfig), self.settings())
+        if problems:
+            raise ConfigError("invalid training config: " + "; ".join(problems))
         if not self.instance_images:
             raise ConfigError("instance_images is empty: give the subject photos to learn")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
@@ -114,6 +134,11 @@ class TrainConfig:
                 "generate class images first, or set prior_loss_weight to 0"
             )
         return self
+
+    def settings(self) -> dict[str, Any]:
+        """The fields a user may set, as given (None: left out, as a tool call omits it)."""
+        names = settings_schema(TrainConfig)["properties"]
+        return {k: v for k, v in self.to_dict().items() if k in names and v is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,25 +156,21 @@ class TrainConfig:
         return cls(**values)
 
 
+# What a run's summary shows (the system prompt, `booth ls`): the settings that tell runs apart.
+SUMMARY_FIELDS = ("instance_prompt", "class_prompt", "max_train_steps", "learning_rate",
+                  "use_lora", "resolution")
+
+
 def load_config(yaml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Dataclass defaults, then the YAML file (if any), then `overrides`; not yet checked."""
     values: dict[str, Any] = {}
     if yaml_path is not None:
-        loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(f"cannot read {yaml_path}: {error}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path} does not hold a mapping of config fields")
         values.update(loaded)
     values.update(overrides)
     return TrainConfig.from_dict(values)
-
-
-def _at_least(config: TrainConfig, low: float, *names: str) -> None:
-    for name in names:
-        if getattr(config, name) < low:
-            raise ConfigError(f"{name} must be >= {low}, got {getattr(config, name)}")
-
-
-def _one_of(config: TrainConfig, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(config, name)
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
+from booth.dreambooth.errors import ModelLoadError
 
-class ModelLoadError(Exception):
-    """The base model cannot be found or loaded; the message says what to do."""
+__all__ = ["ModelLoadError", "load_inference_pipeline", "load_pipeline", "resolve_base_model"]
 
 
 def resolve_base_model(base_model: str) -> str:
@@ -39,16 +40,26 @@ def _load_failure(base_model: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load base model {base_model!r}: {error}. {hint}")
 
 
-def quiet_loading(source: str) -> None:
-    """No "Loading weights" bars: booth shows its own progress. A model still to be fetched
-    from the hub keeps its download bars (transformers' switch turns those off too)."""
-    from diffusers.utils import logging as diffusers_logging
+@contextmanager
+def quiet_progress(source: str | None = None):
+    """Hide the libraries' tqdm bars ("Loading weights") while reading or writing a local
+    folder: they would interleave with booth's own. A model still to be fetched from the hub
+    (`source` not a local folder) keeps its download bars. The bars' state is restored."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()
-    if Path(source).exists():
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+    if source is not None and not Path(source).is_dir():
+        yield
+        return
+    libraries = [lib for lib in (diffusers_logging, transformers_logging)
+                 if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
 
 
 def load_pipeline(base_model: str, device=None, dtype=None):
@@ -57,11 +68,11 @@ def load_pipeline(base_model: str, device=None, dtype=None):
     from diffusers import StableDiffusionPipeline
 
     source = resolve_base_model(base_model)
-    quiet_loading(source)
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False
-        )
+        with quiet_progress(source):
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                source, dtype=dtype or torch.float32, safety_checker=None,
+                requires_safety_checker=False)
     except (OSError, ValueError) as error:
         raise _load_failure(base_model, error) from None
     pipeline.set_progress_bar_config(disable=True)

@@ -9,7 +9,6 @@ checkpoint on top of the base model, ready to sample.
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,12 @@ from booth.dreambooth.checkpoints import (
     truncate_metrics,
 )
 from booth.dreambooth.config import load_config
-from booth.dreambooth.loading import ModelLoadError, load_pipeline, resolve_base_model
+from booth.dreambooth.loading import (
+    ModelLoadError,
+    load_pipeline,
+    quiet_progress,
+    resolve_base_model,
+)
 
 FINAL_DIR = "final"
 LORA_DIR = "lora"
@@ -70,27 +74,6 @@ def _load_parts(source: str, base_model: str) -> Parts:
             f"could not load the SD-1.x parts of {base_model!r}: {error}. Check the id or "
             "folder (it needs unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         ) from None
-
-
-@contextmanager
-def quiet_progress(source: str):
-    """Hide the libraries' tqdm bars while reading a local folder (they would interleave with
-    ours); a hub download keeps its progress bar."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    if not Path(source).is_dir():
-        yield
-        return
-    libraries = [lib for lib in (diffusers_logging, transformers_logging)
-                 if lib.is_progress_bar_enabled()]
-    for lib in libraries:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib in libraries:
-            lib.enable_progress_bar()
 
 
 def lora_config(rank: int, targets: list[str]):

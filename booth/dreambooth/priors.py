@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from booth.dreambooth.errors import PriorSetError
 from booth.dreambooth.progress import image_progress
 
 PRIORS_FILE = "priors.json"
@@ -174,7 +175,7 @@ def _claim(folder: Path, key: PriorKey) -> None:
     """Create the folder for `key`, or check that the one there was made for the same key."""
     recorded = read_prior_set(folder)
     if recorded is not None and _identity(recorded.get("key")) != key.identity():
-        raise ValueError(f"{folder} holds class images made with other settings "
+        raise PriorSetError(f"{folder} holds class images made with other settings "
                          f"({recorded.get('key')}); refusing to mix them")
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a run killed in the middle of a write

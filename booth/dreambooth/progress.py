@@ -1,9 +1,35 @@
-"""The progress bar of image generation (class images, samples): count, speed, time left."""
+"""The engine's progress bars (training, class images, samples, photos): one builder, so each
+shows the same label, bar and count, plus the columns that matter for what it measures."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+
+def progress_bar(console, label: str, *columns, transient: bool = False,
+                 disable: bool = False, speed_estimate_period: float = 30.0):
+    """A rich Progress: label, bar, "done/total", then `columns`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *columns,
+                    console=console, transient=transient, disable=disable,
+                    speed_estimate_period=speed_estimate_period)
+
+
+def training_progress(console, total: int, completed: int, disable: bool = False):
+    """The training bar with loss, steps/s and time left; returns (progress, task id)."""
+    from rich.progress import ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class StepsPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.2f} steps/s" if task.speed else "-- steps/s")
+
+    progress = progress_bar(console, "[bold]training", TextColumn("loss {task.fields[loss]}"),
+                            StepsPerSecond(), TimeRemainingColumn(), disable=disable)
+    task = progress.add_task("training", total=total, completed=completed, loss="--")
+    return progress, task
 
 
 @contextmanager
@@ -14,18 +40,11 @@ def image_progress(console, label: str, total: int, done: int = 0
     if console is None:
         yield lambda n: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import TimeElapsedColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), _seconds_per_image(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                   speed_estimate_period=3600)
+    # Over the whole run, not rich's 30 s window: one batch can take longer than that.
+    bar = progress_bar(console, label, _seconds_per_image(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), speed_estimate_period=3600)
     with bar:
         task = bar.add_task(label, total=total, completed=done, reused=done)
         yield lambda n: bar.advance(task, n)
@@ -37,7 +56,6 @@ def _seconds_per_image():
 
     class SecondsPerImage(ProgressColumn):
         def render(self, task):
-            # Over the whole run, not rich's 30 s window: one batch can take longer than that.
             made = task.completed - task.fields.get("reused", 0)
             elapsed = task.finished_time or task.elapsed
             if not made or not elapsed:

@@ -222,31 +222,6 @@ def make_optimizer(params, config: TrainConfig, device, console):
     return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
 
 
-def make_progress(console, total: int, completed: int, disable: bool = False):
-    """A rich progress bar with loss, steps/s and time left; returns (progress, task id)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class StepsPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.2f} steps/s" if task.speed else "-- steps/s")
-
-    progress = Progress(
-        TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), StepsPerSecond(), TimeRemainingColumn(),
-        console=console, disable=disable,
-    )
-    task = progress.add_task("training", total=total, completed=completed, loss="--")
-    return progress, task
-
-
 def weight_dtype(mixed_precision: str):
     """The dtype frozen weights may be cast to under this mixed precision."""
     import torch

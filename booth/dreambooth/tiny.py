@@ -167,12 +167,12 @@ def build_tiny_pipeline(seed: int = 0):
 
 def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline to `folder` in diffusers format and return its path."""
-    from booth.dreambooth.loading import quiet_loading
+    from booth.dreambooth.loading import quiet_progress
 
     folder = Path(folder)
     pipeline = build_tiny_pipeline(seed)
-    quiet_loading(".")  # nothing is fetched: no bars for writing 9 MB
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    with quiet_progress():  # nothing is fetched: no bars for writing 9 MB
+        pipeline.save_pretrained(folder, safe_serialization=True)
     # transformers 5 saves only tokenizer.json; keep the vocab/merges pair for older readers.
     write_clip_tokenizer(folder / "tokenizer")
     _drop_loader_state(folder / "tokenizer" / "tokenizer_config.json")

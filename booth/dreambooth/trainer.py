@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from booth.dreambooth.checkpoints import (
-    CheckpointError,
     GeneratorState,
     last_loss,
     list_checkpoints,
@@ -33,7 +32,8 @@ from booth.dreambooth.checkpoints import (
     save_checkpoint,
     sweep_temporary,
 )
-from booth.dreambooth.config import ConfigError, TrainConfig, load_config
+from booth.dreambooth.config import TrainConfig, load_config
+from booth.dreambooth.errors import CheckpointError, ConfigError, TrainingError
 from booth.dreambooth.models import (
     FINAL_DIR,
     LORA_DIR,
@@ -45,13 +45,13 @@ from booth.dreambooth.models import (
     load_parts,
     load_run_pipeline,
 )
+from booth.dreambooth.progress import training_progress
 from booth.dreambooth.setup import (
     PromptEmbeddings,
     cache_latent_stats,
     is_main_process,
     make_accelerator,
     make_optimizer,
-    make_progress,
     process_console,
     resolve_for_device,
     stop_everywhere,
@@ -63,10 +63,6 @@ from booth.dreambooth.train_data import input_changes, input_fingerprint, save_f
 
 __all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "TrainingError",
            "list_checkpoints", "load_run_pipeline", "resume", "train"]
-
-
-class TrainingError(Exception):
-    """Training cannot start or go on (existing run, diverged loss); the message says why."""
 
 
 @dataclass
@@ -116,8 +112,10 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
     a constant schedule continues exactly; a decaying one is stretched to the new total.
     What the run wrote after that checkpoint (later checkpoints, metric lines, the final
     model) is discarded once the model and checkpoint are loaded, since training from it
-    writes them anew. A run killed while exporting its final model only exports it. Refused
-    if the training images changed since the run started (see train_data.input_changes).
+    writes them anew. A run killed while exporting its final model only exports it; one
+    killed before its first checkpoint starts again from step 0 with its own config (the
+    same losses: everything random follows the seed). Refused if the training images changed
+    since the run started (see train_data.input_changes).
     """
     console = process_console(console)
     run_dir = Path(run_dir).resolve()
@@ -126,9 +124,16 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
     config = load_config(run_dir / "run.yaml", output_dir=str(run_dir))
     if is_main_process():  # checkpoint-* folders are all another process reads
         sweep_temporary(run_dir)
-    step, folder = resolve_checkpoint(run_dir, checkpoint)
+    if not list_checkpoints(run_dir):  # killed before its first checkpoint
+        if str(checkpoint) != "latest":
+            raise CheckpointError(f"run {run_dir.name!r} has no complete checkpoint yet; "
+                                  "resume it from 'latest' to start it again from step 0")
+        step, folder = 0, None
+    else:
+        step, folder = resolve_checkpoint(run_dir, checkpoint)
     # Killed while writing the final model: the last checkpoint is the end; export it only.
-    export_only = (max_train_steps is None and step >= config.max_train_steps
+    export_only = (folder is not None and max_train_steps is None
+                   and step >= config.max_train_steps
                    and step == list_checkpoints(run_dir)[-1][0]
                    and final_model_path(run_dir) is None)
     if max_train_steps is not None:
@@ -155,7 +160,8 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
             discard_outputs_after(run_dir, step)
         wait_for_everyone()
 
-    return _run(config, run_dir, folder, console, should_stop, on_loaded=discard_later)
+    return _run(config, run_dir, folder, console, should_stop, on_loaded=discard_later,
+                resuming=True)
 
 
 @dataclass
@@ -176,7 +182,7 @@ class _Training:
 
 
 def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, should_stop,
-         on_loaded: Callable[[], None] = lambda: None) -> TrainResult:
+         on_loaded: Callable[[], None] = lambda: None, resuming: bool = False) -> TrainResult:
     started = time.monotonic()
     t = _prepare(config, run_dir, console)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "elapsed": 0.0}
@@ -186,7 +192,7 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, s
     on_loaded()
     if config.report_to != "none":
         # After a resume, TensorBoard drops what the killed run logged past the checkpoint.
-        purge = {"tensorboard": {"purge_step": state["step"] + 1}} if checkpoint else {}
+        purge = {"tensorboard": {"purge_step": state["step"] + 1}} if resuming else {}
         t.accelerator.init_trackers("dreambooth", config=tracker_config(config), init_kwargs=purge)
     final_model = None
     try:
@@ -276,7 +282,7 @@ def _loop(t: _Training, config: TrainConfig, run_dir: Path, state: dict, console
     """Train from `state` to max_train_steps; return (status, last logged loss)."""
     accelerator, loss = t.accelerator, None
     elapsed_before, resumed_at = state["elapsed"], time.monotonic()
-    progress, task = make_progress(console, config.max_train_steps, state["step"],
+    progress, task = training_progress(console, config.max_train_steps, state["step"],
                                    disable=not accelerator.is_main_process)
     main = accelerator.is_main_process
     with progress, ((run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main

@@ -3,7 +3,7 @@
 Importing this package is cheap (no torch); each tool imports the engine when it runs.
 """
 
-from booth.tools.context import ToolContext
+from booth.tools.context import EXIT_TERMINATED, Terminated, ToolContext, terminate_raises
 from booth.tools.dataset import prepare_dataset
 from booth.tools.priors import generate_priors
 from booth.tools.registry import Tool, ToolArgumentError, ToolError, parse_arguments
@@ -15,19 +15,24 @@ TOOLS: dict[str, Tool] = {
 }
 
 
-def get_tool(name: str) -> Tool:
-    """The tool called `name`, or a ToolArgumentError listing the ones that exist."""
-    if name not in TOOLS:
-        raise ToolArgumentError(f"unknown tool {name!r}; available: {', '.join(TOOLS)}")
-    return TOOLS[name]
+def get_tool(name: str, tools: dict[str, Tool] = TOOLS) -> Tool:
+    """The tool called `name` in `tools`, or a ToolArgumentError listing the ones there are."""
+    if name not in tools:
+        from booth.schema import excerpt
+
+        raise ToolArgumentError(f"unknown tool {excerpt(name)}; available: {', '.join(tools)}")
+    return tools[name]
 
 
 __all__ = [
+    "EXIT_TERMINATED",
     "TOOLS",
+    "Terminated",
     "Tool",
     "ToolArgumentError",
     "ToolContext",
     "ToolError",
     "get_tool",
     "parse_arguments",
+    "terminate_raises",
 ]

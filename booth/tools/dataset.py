@@ -18,9 +18,10 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
+from booth.schema import PATH
 from booth.tools.context import ToolContext
 from booth.tools.registry import Param, ToolError, tool
-from booth.tools.workspace import check_name, remove_inside
+from booth.tools.workspace import NAME_PATTERN, check_name, remove_inside
 
 MIN_PHOTOS, MAX_PHOTOS = 3, 30      # DreamBooth practice: 3-20 photos, a few more is fine
 _RESULT_REJECTED_LIMIT = 40         # the full list is in manifest.json; keep the reply short
@@ -30,17 +31,18 @@ _RESULT_REJECTED_LIMIT = 40         # the full list is in manifest.json; keep th
 def prepare_dataset(
     ctx: ToolContext,
     images_dir: Annotated[str, Param("Folder holding the subject's photos (searched "
-                                     "recursively; ~ allowed)", min_length=1, max_length=1000)],
+                                     "recursively; ~ allowed)", min_length=1, max_length=1000,
+                                     pattern=PATH)],
     class_noun: Annotated[str, Param("What the subject is, one or two words: 'dog', 'person', "
                                      "'backpack'", min_length=1, max_length=50,
-                                     pattern=r"^[^\n\r]+$")],
+                                     pattern=r"^[^\n\r]*[^\s][^\n\r]*$")],
     instance_token: Annotated[str, Param("Rare identifier bound to the subject",
                                          pattern=r"^[A-Za-z0-9_<>-]{1,32}$")] = "sks",
     resolution: Annotated[int, Param("Square training resolution in pixels, a multiple of 8 "
                                      "(512 for SD 1.x)", minimum=64, maximum=1024,
                                      multiple_of=8)] = 512,
     name: Annotated[str | None, Param("Dataset name (default: from the folder name)",
-                                      pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = None,
+                                      pattern=NAME_PATTERN)] = None,
 ) -> dict:
     """Prepare a folder of photos of one subject for DreamBooth training.
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from booth.dreambooth.priors import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from booth.schema import NOT_BLANK, PATH
 from booth.tools.context import ToolContext, absolute_if_local
 from booth.tools.estimates import device_kind, duration
-from booth.tools.registry import Param, ToolError, tool
+from booth.tools.registry import Param, tool
 
-DEFAULT_BATCH = 4
 _SAMPLE_PATHS = 4
 
 
@@ -19,7 +20,7 @@ def generate_priors(
     ctx: ToolContext,
     class_prompt: Annotated[str, Param("Prompt for the class images, e.g. 'a photo of a dog' "
                                        "(the class prompt prepare_dataset returned)",
-                                       min_length=1, max_length=1000)],
+                                       min_length=1, max_length=1000, pattern=NOT_BLANK)],
     num_images: Annotated[int, Param("How many class images the set should hold (~200 is "
                                      "usual)", minimum=1, maximum=2000)] = 200,
     seed: Annotated[int, Param("Seed: the same seed gives the same images",
@@ -28,37 +29,31 @@ def generate_priors(
                                             "the model's own, 512 for SD 1.x)",
                                             minimum=64, maximum=1024,
                                             multiple_of=8)] = None,
-    batch_size: Annotated[int | None, Param("Images per forward pass (default 4); does not "
-                                            "change the images", minimum=1, maximum=64)] = None,
-    num_inference_steps: Annotated[int | None, Param("Denoising steps (default 25)",
-                                                     minimum=1, maximum=200)] = None,
-    guidance_scale: Annotated[float | None, Param("Classifier-free guidance scale (default 7.5)",
-                                                  minimum=0, maximum=30)] = None,
+    batch_size: Annotated[int, Param("Images per forward pass; does not change the images",
+                                     minimum=1, maximum=64)] = 4,
+    num_inference_steps: Annotated[int, Param("Denoising steps", minimum=1,
+                                              maximum=200)] = DEFAULT_STEPS,
+    guidance_scale: Annotated[float, Param("Classifier-free guidance scale", minimum=0,
+                                           maximum=30)] = DEFAULT_GUIDANCE,
     negative_prompt: Annotated[str | None, Param("What the images should not show",
                                                  max_length=1000)] = None,
     base_model: Annotated[str | None, Param("Model that draws them (default: the session's "
-                                            "base model)", min_length=1, max_length=1000)] = None,
+                                            "base model)", min_length=1, max_length=1000,
+                                            pattern=PATH)] = None,
 ) -> dict:
     """Generate class images with the base model, for prior-preservation training.
 
     Images already made with the same settings are reused, and an interrupted call continues
     where it stopped, so calling it again is cheap. Returns the folder the train tool uses.
     """
-    from booth.dreambooth.loading import ModelLoadError
     from booth.dreambooth.priors import generate_class_images
 
     key = _key(ctx, class_prompt, seed, resolution, num_inference_steps, guidance_scale,
                negative_prompt, base_model)
     folder = ctx.workspace.priors_dir(key.folder_name())
-    try:
-        result = generate_class_images(
-            key, folder, num_images, lambda: _load(key.source),
-            batch_size=batch_size or DEFAULT_BATCH, console=ctx.console,
-            should_stop=ctx.stop_requested.is_set)
-    except ModelLoadError as error:
-        raise ToolError(str(error)) from None
-    except ValueError as error:  # the folder holds images made with other settings
-        raise ToolError(str(error)) from None
+    result = generate_class_images(
+        key, folder, num_images, lambda: ctx.load_pipeline(key.source), batch_size=batch_size,
+        console=ctx.console, should_stop=ctx.stop_requested.is_set)
     return _result(key, result, num_images)
 
 
@@ -75,26 +70,14 @@ def find_prior_set(ctx: ToolContext, class_prompt: str, base_model: str | None =
 
 def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
     from booth.dreambooth import priors
-    from booth.dreambooth.loading import ModelLoadError, resolve_base_model
+    from booth.dreambooth.loading import resolve_base_model
 
     base = absolute_if_local(base_model) if base_model else ctx.base_model
-    try:
-        resolve_base_model(base)  # before anything reads the folder
-    except ModelLoadError as error:
-        raise ToolError(str(error)) from None
+    resolve_base_model(base)  # before anything reads the folder
     resolution = resolution or priors.natural_resolution(base)
-    if not prompt.strip():
-        raise ToolError("class_prompt is empty: give e.g. 'a photo of a dog'")
     return priors.PriorKey.create(
         base, prompt, negative_prompt=negative or None, seed=seed, resolution=resolution,
-        num_inference_steps=steps or priors.DEFAULT_STEPS,
-        guidance_scale=float(priors.DEFAULT_GUIDANCE if guidance is None else guidance))
-
-
-def _load(base_model: str):
-    from booth.dreambooth.loading import load_inference_pipeline
-
-    return load_inference_pipeline(base_model)
+        num_inference_steps=steps, guidance_scale=float(guidance))
 
 
 def _result(key, result, requested: int) -> dict:
@@ -144,20 +127,13 @@ def seconds_per_image(base_model: str, resolution: int, steps: int) -> tuple[flo
     return per_step * steps, where
 
 
-def _estimate(ctx, args: dict) -> str | None:
-    try:
-        return _describe_cost(ctx, args)
-    except Exception:  # an estimate must never stand in the way of the approval prompt
-        return None
-
-
 def _describe_cost(ctx, args: dict) -> str:
     from booth.dreambooth.priors import existing_images
 
-    key = _key(ctx, args["class_prompt"], args.get("seed", 0), args.get("resolution"),
-               args.get("num_inference_steps"), args.get("guidance_scale"),
-               args.get("negative_prompt"), args.get("base_model"))
-    wanted = args.get("num_images", 200)
+    key = _key(ctx, args["class_prompt"], args["seed"], args.get("resolution"),
+               args["num_inference_steps"], args["guidance_scale"], args.get("negative_prompt"),
+               args.get("base_model"))
+    wanted = args["num_images"]
     present = [n for n in existing_images(ctx.workspace.priors_dir(key.folder_name()))
                if n <= wanted]
     missing = wanted - len(present)
@@ -170,4 +146,4 @@ def _describe_cost(ctx, args: dict) -> str:
             f"{missing} to generate{reused}, ~{duration(missing * per_image)} on {where}")
 
 
-generate_priors.estimate = _estimate
+generate_priors.estimate = _describe_cost

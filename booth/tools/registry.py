@@ -9,58 +9,34 @@ A tool is written as
                seed: Annotated[int, Param("Random seed", minimum=0)] = 0) -> dict:
         "First docstring line is the description the model reads."
 
-The first parameter is always the `ToolContext`; it is not part of the schema.
+The first parameter is always the `ToolContext`; it is not part of the schema. A tool whose
+parameters are the settings of a config dataclass (`train`: `TrainConfig`) takes them as
+`**settings` with `@tool(settings=TrainConfig)`: every field that carries a Param becomes a
+parameter with the field's bounds and default, so the config stays their only definition.
+`model_sees` names the parameters the model is shown (all by default); the others are still
+accepted, from an approval edit or `booth call`, and validated the same way.
+
+`Tool.call` is the one place where the engine's user errors (and running out of GPU memory)
+become a `ToolError`; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import re
-import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any
 
-import jsonschema
+from booth.dreambooth.errors import UserError
+from booth.schema import Param, errors, excerpt, object_schema, property_schema, settings_of
 
-
-@dataclass(frozen=True)
-class Param:
-    """Description and bounds of one tool parameter, carried in `Annotated[...]`."""
-
-    description: str
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: float | None = None
-    min_length: int | None = None
-    max_length: int | None = None
-    pattern: str | None = None
-    min_items: int | None = None
-    max_items: int | None = None
-    multiple_of: int | None = None
-
-    def constraints(self) -> dict[str, Any]:
-        names = {
-            "minimum": "minimum",
-            "maximum": "maximum",
-            "exclusive_minimum": "exclusiveMinimum",
-            "min_length": "minLength",
-            "max_length": "maxLength",
-            "pattern": "pattern",
-            "min_items": "minItems",
-            "max_items": "maxItems",
-            "multiple_of": "multipleOf",
-        }
-        return {
-            json_name: getattr(self, attr)
-            for attr, json_name in names.items()
-            if getattr(self, attr) is not None
-        }
+__all__ = ["Param", "Tool", "ToolArgumentError", "ToolError", "parse_arguments",
+           "parse_words", "tool"]
 
 
-class ToolError(Exception):
+class ToolError(UserError):
     """A tool could not do what was asked, for a reason the user or model can act on.
 
     Its message is shown as is (no traceback) and returned to the model as `Error: ...`.
@@ -71,82 +47,29 @@ class ToolArgumentError(ToolError):
     """The arguments of a call do not match the tool's schema; nothing was run."""
 
 
-_SCALARS: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
-
-
-def _type_schema(annotation: Any) -> dict[str, Any]:
-    """JSON schema of a Python annotation (the small set of types tools use)."""
-    origin = get_origin(annotation)
-    if annotation in _SCALARS:
-        return {"type": _SCALARS[annotation]}
-    if origin is Literal:
-        values = list(get_args(annotation))
-        return {"type": _SCALARS[type(values[0])], "enum": values}
-    if origin in (list, tuple) or annotation is list:
-        (item,) = get_args(annotation) or (str,)
-        return {"type": "array", "items": _type_schema(item)}
-    if origin in (Union, types.UnionType):
-        non_null = [a for a in get_args(annotation) if a is not type(None)]
-        if len(non_null) == 1:
-            # Optional[X]: the model omits the field rather than sending null.
-            return _type_schema(non_null[0])
-    raise TypeError(f"tool parameters cannot be of type {annotation!r}")
-
-
-def _param_schema(annotation: Any) -> tuple[dict[str, Any], str]:
-    if get_origin(annotation) is not Annotated:
-        raise TypeError(f"tool parameter needs Annotated[type, Param(...)], got {annotation!r}")
-    base, *extras = get_args(annotation)
-    param = next((e for e in extras if isinstance(e, Param)), None)
-    if param is None:
-        raise TypeError(f"tool parameter {annotation!r} carries no Param(...)")
-    schema = _type_schema(base)
-    constraints = param.constraints()
-    if schema["type"] == "array":
-        array_keys = {"minItems", "maxItems"}
-        schema.update({k: v for k, v in constraints.items() if k in array_keys})
-        schema["items"].update({k: v for k, v in constraints.items() if k not in array_keys})
-    else:
-        schema.update(constraints)
-    schema["description"] = param.description
-    return schema, param.description
-
-
-def _pattern(validator, pattern: str, instance: Any, schema: dict):
-    """JSON Schema's `pattern`, where `$` means the end of the text: Python's `$` also
-    matches before a final newline, which would let "rex\n" pass as a name."""
-    if not validator.is_type(instance, "string"):
-        return
-    if re.search(pattern, instance) is None or (pattern.endswith("$") and instance.endswith("\n")):
-        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
-
-
-_Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator, {"pattern": _pattern}
-)
-
-
 @dataclass
 class Tool:
     name: str
     description: str
     function: Callable[..., dict]
-    parameters: dict[str, Any]
+    parameters: dict[str, Any]  # every parameter: what validation and `booth call` accept
     defaults: dict[str, Any] = field(default_factory=dict)
+    model_sees: tuple[str, ...] = ()  # the parameters in the schema sent to the model
     # Optional: (ctx, validated arguments) -> one line on what the call will cost
     # ("800 steps, about 2 min on cuda"), shown when the user is asked to approve it.
     estimate: Callable[[Any, dict[str, Any]], str | None] | None = None
+    # Optional: validated arguments -> what to do when the GPU ran out of memory.
+    out_of_memory: Callable[[dict[str, Any]], str] | None = None
 
     def openai_spec(self) -> dict[str, Any]:
         """The entry of the `tools` list of a chat-completions request."""
-        return {
-            "type": "function",
-            "function": {
-                "name": self.name,
-                "description": self.description,
-                "parameters": self.parameters,
-            },
-        }
+        properties = self.parameters["properties"]
+        shown = {k: properties[k] for k in self.model_sees}
+        parameters = {**self.parameters, "properties": shown,
+                      "required": [k for k in self.parameters["required"] if k in shown]}
+        return {"type": "function",
+                "function": {"name": self.name, "description": self.description,
+                             "parameters": parameters}}
 
     def validate(self, arguments: Any) -> dict[str, Any]:
         """Check `arguments` against the schema; return them with defaults filled in."""
@@ -154,55 +77,76 @@ class Tool:
             raise ToolArgumentError(
                 f"arguments of {self.name} must be a JSON object, got {type(arguments).__name__}"
             )
-        validator = _Validator(self.parameters)
-        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
-        if errors:
-            raise ToolArgumentError(
-                f"invalid arguments for {self.name}: " + "; ".join(map(_describe_error, errors))
-            )
+        problems = errors(self.parameters, arguments)
+        if problems:
+            raise ToolArgumentError(f"invalid arguments for {self.name}: " + "; ".join(problems))
         return {**self.defaults, **arguments}
+
+    def call(self, ctx: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Run the tool on arguments `validate` returned. A user error of the engine becomes
+        a ToolError with its message; so does running out of GPU memory."""
+        try:
+            return self.function(ctx, **arguments)
+        except ToolError:
+            raise
+        except UserError as error:
+            raise ToolError(str(error)) from None
+        except RuntimeError as error:
+            if not _out_of_memory(error):
+                raise
+            advice = self.out_of_memory(arguments) if self.out_of_memory else (
+                "close other programs using the GPU, or ask for fewer images at a time")
+            raise ToolError(f"the GPU ran out of memory. {advice}") from None
 
     def run(self, ctx: Any, arguments: Any) -> dict[str, Any]:
         """Validate, then call. Nothing runs unless the arguments are valid."""
-        return self.function(ctx, **self.validate(arguments))
+        return self.call(ctx, self.validate(arguments))
 
 
-def _describe_error(error: jsonschema.ValidationError) -> str:
-    where = ".".join(str(p) for p in error.absolute_path)
-    if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        return f"unknown field(s) {', '.join(map(repr, extra))}"
-    if error.validator == "required":
-        return error.message.replace("is a required property", "is required")
-    return f"{where}: {error.message}" if where else error.message
+def _out_of_memory(error: RuntimeError) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # whatever ran out of memory has imported torch
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
 
 
-def tool(function: Callable[..., dict]) -> Tool:
+def tool(function: Callable[..., dict] | None = None, *, settings: type | None = None,
+         model_sees: Iterable[str] | None = None):
     """Turn a typed function into a `Tool` (see the module docstring)."""
+    if function is None:
+        return lambda f: tool(f, settings=settings, model_sees=model_sees)
     hints = typing.get_type_hints(function, include_extras=True)
-    signature = inspect.signature(function)
+    parameters = list(inspect.signature(function).parameters.values())[1:]  # skip ctx
+    declared = [(p.name, hints[p.name], p.default) for p in parameters
+                if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    takes_settings = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if (settings is not None) != takes_settings:
+        raise TypeError(f"tool {function.__name__}: settings= and **settings go together")
+    if settings is not None:
+        names = {name for name, _, _ in declared}
+        declared += [(name, annotation, default)
+                     for name, (annotation, default) in settings_of(settings).items()
+                     if name not in names]
     properties: dict[str, Any] = {}
     required: list[str] = []
     defaults: dict[str, Any] = {}
-    for name, parameter in list(signature.parameters.items())[1:]:  # skip ctx
-        schema, _ = _param_schema(hints[name])
-        if parameter.default is inspect.Parameter.empty:
+    for name, annotation, default in declared:
+        properties[name] = property_schema(annotation)
+        if default is inspect.Parameter.empty:
             required.append(name)
-        elif parameter.default is not None:
-            schema["default"] = parameter.default
-            defaults[name] = parameter.default
-        properties[name] = schema
+        elif default is not None:
+            properties[name]["default"] = default
+            defaults[name] = default
     description = inspect.cleandoc(function.__doc__ or "").strip()
     if not description:
         raise TypeError(f"tool {function.__name__} needs a docstring: the model reads it")
-    parameters = {
-        "type": "object",
-        "properties": properties,
-        "required": required,
-        "additionalProperties": False,
-    }
-    jsonschema.Draft202012Validator.check_schema(parameters)
-    return Tool(function.__name__, description, function, parameters, defaults)
+    shown = tuple(properties) if model_sees is None else tuple(model_sees)
+    unknown = set(shown) - set(properties)
+    if unknown or not set(required) <= set(shown):
+        raise TypeError(f"tool {function.__name__}: model_sees names unknown parameters "
+                        f"{sorted(unknown)} or leaves out required ones")
+    return Tool(function.__name__, description, function, object_schema(properties, required),
+                defaults, shown)
 
 
 def parse_words(words: list[str], parameters: dict | None = None) -> dict[str, Any]:
@@ -221,16 +165,26 @@ def parse_words(words: list[str], parameters: dict | None = None) -> dict[str, A
         key, sep, value = word.partition("=")
         if not sep or not key:
             raise ToolArgumentError(
-                f"cannot read {word!r}: give one JSON object or key=value pairs"
+                f"cannot read {excerpt(word)}: give one JSON object or key=value pairs"
             )
-        if properties.get(key, {}).get("type") == "string":
-            merged[key] = value
-            continue
-        try:
-            merged[key] = _loads(value)
-        except json.JSONDecodeError:
-            merged[key] = value
+        merged[key] = _typed_word(value, properties.get(key, {}))
     return merged
+
+
+def _typed_word(value: str, schema: dict) -> Any:
+    """One typed value: as text for a string parameter (`checkpoint=400` is "400"), a list of
+    one for a list of strings given one text (`prompts=a photo of sks dog`), else JSON when
+    it parses."""
+    if schema.get("type") == "string":
+        return value
+    try:
+        parsed = _loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        parsed = value
+    wants_texts = schema.get("type") == "array" and schema.get("items", {}).get("type") == "string"
+    if wants_texts and not isinstance(parsed, list):
+        return [value]
+    return parsed
 
 
 def _no_constant(name: str):
@@ -254,5 +208,8 @@ def parse_arguments(raw: str | dict | None) -> Any:
     except json.JSONDecodeError as error:
         raise ToolArgumentError(
             f"arguments are not valid JSON ({error.msg} at line {error.lineno} "
-            f"column {error.colno}): {raw[:200]!r}"
+            f"column {error.colno}): {excerpt(raw)}"
         ) from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise ToolArgumentError("arguments are nested too deeply to be read (thousands of "
+                                "levels); send a flat JSON object") from None

@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
+from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
+from booth.dreambooth.sampling import DEFAULT_STEPS
+from booth.schema import NOT_BLANK
 from booth.tools.context import ToolContext
 from booth.tools.registry import Param, ToolError, tool
 from booth.tools.workspace import NAME_PATTERN
@@ -16,18 +19,18 @@ def sample(
     prompts: Annotated[list[str], Param("Prompts to render, e.g. 'a photo of sks dog on the "
                                         "moon' (use the run's identifier for the subject)",
                                         min_items=1, max_items=16, min_length=1,
-                                        max_length=1000)],
+                                        max_length=1000, pattern=NOT_BLANK)],
     run: Annotated[str | None, Param("Trained run to sample from (default: the base model)",
                                      pattern=NAME_PATTERN)] = None,
     checkpoint: Annotated[str | None, Param("'latest', 'checkpoint-<step>' or '<step>' of the "
                                             "run (default: its final model)",
-                                            pattern=r"^(latest|(checkpoint-)?[0-9]+)$")] = None,
+                                            pattern=CHECKPOINT_CHOICE)] = None,
     num_images_per_prompt: Annotated[int, Param("Images per prompt", minimum=1,
                                                 maximum=16)] = 4,
     guidance_scale: Annotated[float, Param("Classifier-free guidance: higher follows the prompt "
                                            "more closely", minimum=0, maximum=30)] = 7.5,
-    num_inference_steps: Annotated[int | None, Param("Denoising steps (default 30)", minimum=1,
-                                                     maximum=200)] = None,
+    num_inference_steps: Annotated[int, Param("Denoising steps", minimum=1,
+                                              maximum=200)] = DEFAULT_STEPS,
     seed: Annotated[int, Param("Seed: the same seed gives the same images", minimum=0,
                                maximum=2**32 - 1)] = 0,
     negative_prompt: Annotated[str | None, Param("What the images should not show",
@@ -44,50 +47,30 @@ def sample(
     Image j of every prompt starts from the same noise, so the grid compares prompts fairly;
     the same seed gives the same images again.
     """
-    from booth.dreambooth.sampling import DEFAULT_STEPS, sample_images
+    from booth.dreambooth.sampling import sample_images
 
     if checkpoint is not None and run is None:
         raise ToolError("checkpoint needs a run: pass run='<name>' as well")
-    if any(not p.strip() for p in prompts):
-        raise ToolError("prompts must not be empty")
     pipeline, model = _pipeline(ctx, run, checkpoint)
     folder = _output_folder(ctx, run)
-    steps = num_inference_steps or DEFAULT_STEPS
     result = sample_images(
         pipeline, prompts, folder, num_images_per_prompt=num_images_per_prompt,
-        guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed,
+        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed,
         negative_prompt=negative_prompt or None, height=height, width=width,
         console=ctx.console, should_stop=ctx.stop_requested.is_set)
-    return _result(result, folder, model, seed, steps, guidance_scale,
+    return _result(result, folder, model, seed, num_inference_steps, guidance_scale,
                    len(prompts) * num_images_per_prompt)
 
 
 def _pipeline(ctx: ToolContext, run: str | None, checkpoint: str | None):
     """The pipeline to sample from, and a description of it for the result."""
-    from booth.dreambooth.loading import ModelLoadError
+    if run is None:
+        return ctx.load_pipeline(ctx.base_model), f"base model {ctx.base_model}"
+    run_dir = ctx.workspace.existing_run(run)
+    from booth.dreambooth import trainer
 
-    try:
-        if run is None:
-            return _base_pipeline(ctx.base_model), f"base model {ctx.base_model}"
-        run_dir = ctx.workspace.run_dir(run)
-        if not (run_dir / "run.yaml").is_file():
-            known = ", ".join(ctx.workspace.names("runs")) or "none yet"
-            raise ToolError(f"no run named {run!r}; runs in the workspace: {known}")
-        from booth.dreambooth.trainer import CheckpointError, ConfigError, load_run_pipeline
-
-        try:
-            pipeline = load_run_pipeline(run_dir, checkpoint)
-        except (CheckpointError, ConfigError) as error:
-            raise ToolError(str(error)) from None
-        return pipeline, f"run {run} ({checkpoint or 'final model'})"
-    except ModelLoadError as error:
-        raise ToolError(str(error)) from None
-
-
-def _base_pipeline(base_model: str):
-    from booth.dreambooth.loading import load_inference_pipeline
-
-    return load_inference_pipeline(base_model)
+    pipeline = trainer.load_run_pipeline(run_dir, checkpoint)
+    return pipeline, f"run {run} ({checkpoint or 'final model'})"
 
 
 def _output_folder(ctx: ToolContext, run: str | None):

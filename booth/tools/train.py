@@ -10,69 +10,46 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
+from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
+from booth.dreambooth.config import TrainConfig
+from booth.schema import setting
 from booth.tools.context import ToolContext
 from booth.tools.estimates import device_kind, duration
 from booth.tools.registry import Param, ToolError, tool
 from booth.tools.workspace import NAME_PATTERN, check_name
 
-CHECKPOINT_PATTERN = r"^(latest|(checkpoint-)?[0-9]{1,7})$"
+# The settings the model is shown; every other TrainConfig setting (the optimizer's, the
+# instance prompt...) is still accepted from an approval edit or `booth call`.
+MODEL_SEES = (
+    "dataset", "max_train_steps", "learning_rate", "prior_loss_weight", "class_prompt",
+    "train_text_encoder", "checkpointing_steps", "seed", "mixed_precision",
+    "gradient_checkpointing", "use_lora", "lora_rank", "run_name", "base_model", "resolution",
+    "train_batch_size", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
+    "use_8bit_adam", "checkpoints_total_limit", "random_flip", "report_to",
+)
 
 
-@tool
+@tool(settings=TrainConfig, model_sees=MODEL_SEES)
 def train(
     ctx: ToolContext,
     dataset: Annotated[str, Param("Name of a dataset made by prepare_dataset",
                                   pattern=NAME_PATTERN)],
-    max_train_steps: Annotated[int, Param("Optimizer steps: ~400 without priors, ~800 with "
-                                          "prior preservation", minimum=1, maximum=100000)],
-    learning_rate: Annotated[float, Param("5e-6 for full fine-tuning (faces 1e-6..2e-6); "
-                                          "1e-4..5e-4 with LoRA", exclusive_minimum=0,
-                                          maximum=0.01)],
-    prior_loss_weight: Annotated[float, Param("Weight of the class-image loss; 0 turns prior "
-                                              "preservation off", minimum=0, maximum=10)] = 1.0,
-    class_prompt: Annotated[str | None, Param("Prompt of the class images (default: the "
-                                              "dataset's, e.g. 'a photo of a dog')",
-                                              min_length=1, max_length=300)] = None,
-    train_text_encoder: Annotated[bool, Param("Also fine-tune the text encoder (best "
-                                              "fidelity, more memory)")] = True,
-    checkpointing_steps: Annotated[int, Param("Save the full training state every N steps",
-                                              minimum=1, maximum=100000)] = 200,
-    seed: Annotated[int, Param("Seed of data order, noise and timesteps", minimum=0,
-                               maximum=2**32 - 1)] = 0,
-    mixed_precision: Annotated[Literal["no", "fp16", "bf16"],
-                               Param("Autocast precision; fp16/bf16 need a GPU to pay off")] = "no",
-    gradient_checkpointing: Annotated[bool, Param("Trade ~20% speed for much less GPU "
-                                                  "memory")] = False,
-    use_lora: Annotated[bool, Param("Train small LoRA adapters instead of all weights (small "
-                                    "GPUs, small files)")] = False,
-    lora_rank: Annotated[int | None, Param("LoRA rank (default 4)", minimum=1,
-                                           maximum=256)] = None,
+    max_train_steps: Annotated[int, setting(TrainConfig, "max_train_steps")],
+    learning_rate: Annotated[float, setting(TrainConfig, "learning_rate")],
     run_name: Annotated[str | None, Param("Name of the new run (default: "
                                           "<dataset>-<date>-<time>)", pattern=NAME_PATTERN)] = None,
-    base_model: Annotated[str | None, Param("Diffusers SD-1.x folder or hub id (default: the "
-                                            "session's base model)", min_length=1,
-                                            max_length=1000)] = None,
-    resolution: Annotated[int | None, Param("Training resolution in pixels, a multiple of 8 "
-                                            "(default: the dataset's)", minimum=64,
-                                            maximum=1024, multiple_of=8)] = None,
-    train_batch_size: Annotated[int, Param("Subject images per batch (as many class images "
-                                           "are added)", minimum=1, maximum=64)] = 1,
-    gradient_accumulation_steps: Annotated[int, Param("Batches per optimizer step", minimum=1,
-                                                      maximum=64)] = 1,
-    lr_scheduler: Annotated[Literal["constant", "constant_with_warmup", "linear", "cosine"],
-                            Param("Learning-rate schedule")] = "constant",
-    lr_warmup_steps: Annotated[int, Param("Warm-up steps of the schedule", minimum=0,
-                                          maximum=10000)] = 0,
-    use_8bit_adam: Annotated[bool, Param("8-bit AdamW (CUDA + bitsandbytes only; otherwise "
-                                         "plain AdamW)")] = False,
-    checkpoints_total_limit: Annotated[int | None, Param("Keep only the newest N checkpoints",
-                                                         minimum=1, maximum=1000)] = None,
-    random_flip: Annotated[bool, Param("Mirror images at random (avoid for asymmetric "
-                                       "subjects)")] = False,
-    report_to: Annotated[Literal["tensorboard", "wandb", "none"],
-                         Param("Experiment tracker for the metrics")] = "tensorboard",
+    base_model: Annotated[str | None, setting(TrainConfig, "base_model",
+                                              default_note="the session's base model")] = None,
+    resolution: Annotated[int | None, setting(TrainConfig, "resolution",
+                                              default_note="the dataset's")] = None,
+    class_prompt: Annotated[str | None, setting(TrainConfig, "class_prompt",
+                                                default_note="the dataset's")] = None,
+    instance_prompt: Annotated[str | None, setting(
+        TrainConfig, "instance_prompt", "Prompt binding the photos to the identifier; must "
+        "contain the dataset's identifier", default_note="the dataset's")] = None,
+    **settings: Any,
 ) -> dict:
     """Fine-tune Stable Diffusion on a prepared dataset with DreamBooth (prior preservation).
 
@@ -80,7 +57,7 @@ def train(
     checkpoints every checkpointing_steps and, at the end, a model that `sample` can use.
     Ctrl-C stops at a checkpoint; continue with resume_checkpoint.
     """
-    from booth.dreambooth.config import TrainConfig
+    from booth.dreambooth import trainer
 
     manifest, dataset_dir = _manifest(ctx, dataset)
     name = check_name(run_name or _default_run_name(dataset), "run name")
@@ -91,24 +68,17 @@ def train(
     base = _check_base_model(base_model or ctx.base_model)
     class_prompt = class_prompt or manifest.get("class_prompt")
     resolution = _resolution(dataset, manifest, resolution)
-    class_dir = _class_images(ctx, prior_loss_weight, class_prompt, base, resolution)
+    class_dir = _class_images(ctx, settings["prior_loss_weight"], class_prompt, base,
+                              resolution)
     config = TrainConfig(
-        base_model=base, output_dir=str(run_dir),
+        **settings, base_model=base, output_dir=str(run_dir),
         instance_images=[str(dataset_dir / image["file"]) for image in manifest["images"]],
-        instance_prompt=manifest["instance_prompt"], class_prompt=class_prompt,
-        class_data_dir=str(class_dir) if class_dir else None,
-        resolution=resolution,
-        max_train_steps=max_train_steps, learning_rate=learning_rate,
-        prior_loss_weight=prior_loss_weight, train_batch_size=train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, lr_scheduler=lr_scheduler,
-        lr_warmup_steps=lr_warmup_steps, seed=seed, train_text_encoder=train_text_encoder,
-        use_lora=use_lora, lora_rank=lora_rank or 4, mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing, use_8bit_adam=use_8bit_adam,
-        checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,
-        random_flip=random_flip, report_to=report_to,
+        instance_prompt=_instance_prompt(dataset, manifest, instance_prompt),
+        class_prompt=class_prompt, class_data_dir=str(class_dir) if class_dir else None,
+        resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
     )
-    return _run_engine(name, lambda engine: engine.train(
-        config, console=ctx.console, should_stop=ctx.stop_requested.is_set))
+    result = trainer.train(config, console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    return _result(name, result)
 
 
 @tool
@@ -116,55 +86,50 @@ def resume_checkpoint(
     ctx: ToolContext,
     run: Annotated[str, Param("Name of an existing training run", pattern=NAME_PATTERN)],
     checkpoint: Annotated[str, Param("'latest', 'checkpoint-<step>' or '<step>'",
-                                     pattern=CHECKPOINT_PATTERN)] = "latest",
-    max_train_steps: Annotated[int | None, Param("New total number of steps, to train "
-                                                 "further than the run was set to",
-                                                 minimum=1, maximum=100000)] = None,
+                                     pattern=CHECKPOINT_CHOICE)] = "latest",
+    max_train_steps: Annotated[int | None, setting(
+        TrainConfig, "max_train_steps", "New total number of steps, to train further than the "
+        "run was set to")] = None,
 ) -> dict:
     """Continue a stopped training run from a checkpoint, exactly as if it had never stopped.
 
     With a larger max_train_steps it also extends a finished run. Checkpoints and metrics
     after the chosen checkpoint are replaced by the continued training.
     """
-    run_dir = _run_dir(ctx, run)
-    return _run_engine(run, lambda engine: engine.resume(
-        run_dir, checkpoint, max_train_steps, console=ctx.console,
-        should_stop=ctx.stop_requested.is_set))
-
-
-def _run_engine(name: str, start) -> dict:
-    """Call `start(trainer_module)`; the engine's errors become messages for the model."""
-    import torch
-
     from booth.dreambooth import trainer
-    from booth.dreambooth.loading import ModelLoadError
 
-    try:
-        result = start(trainer)
-    except (ModelLoadError, trainer.ConfigError, trainer.TrainingError, FileNotFoundError) as e:
-        raise ToolError(str(e)) from None
-    except torch.OutOfMemoryError:
-        raise ToolError(_OUT_OF_MEMORY.format(name=name)) from None
-    return _result(name, result)
+    run_dir = ctx.workspace.existing_run(run)
+    result = trainer.resume(run_dir, checkpoint, max_train_steps, console=ctx.console,
+                            should_stop=ctx.stop_requested.is_set)
+    return _result(run, result)
 
 
 # The field's memory ladder (diffusers' DreamBooth docs), cheapest loss of quality first.
-_OUT_OF_MEMORY = (
-    "the GPU ran out of memory. Checkpoints already saved are kept (resume_checkpoint "
-    "run={name!r} continues from the last one with the same settings). To fit, start a new run "
-    "with, in this order: mixed_precision='fp16' (or 'bf16'), gradient_checkpointing=true, "
-    "use_8bit_adam=true, train_text_encoder=false, or use_lora=true (fits in ~8 GB)"
-)
+def _out_of_memory(name: str) -> str:
+    return (
+        f"Checkpoints already saved are kept (resume_checkpoint run={name!r} continues from "
+        "the last one with the same settings). To fit, start a new run with, in this order: "
+        "mixed_precision='fp16' (or 'bf16'), gradient_checkpointing=true, use_8bit_adam=true, "
+        "train_text_encoder=false, or use_lora=true (fits in ~8 GB)"
+    )
 
 
 def _check_base_model(base_model: str) -> str:
-    """The base model as runs record it (a local folder as an absolute path), or a ToolError."""
-    from booth.dreambooth.loading import ModelLoadError, resolve_base_model
+    """The base model as runs record it (a local folder as an absolute path)."""
+    from booth.dreambooth.loading import resolve_base_model
 
-    try:
-        return resolve_base_model(base_model)
-    except ModelLoadError as error:
-        raise ToolError(str(error)) from None
+    return resolve_base_model(base_model)
+
+
+def _instance_prompt(dataset: str, manifest: dict, asked: str | None) -> str:
+    """The dataset's prompt, or one the user wrote, which must still name the identifier."""
+    if asked is None:
+        return manifest["instance_prompt"]
+    token = manifest.get("instance_token")
+    if token and token not in asked.split():
+        raise ToolError(f"instance_prompt {asked!r} does not contain the identifier {token!r} "
+                        f"of dataset {dataset!r}: without it the model cannot learn the subject")
+    return asked
 
 
 def _resolution(dataset: str, manifest: dict, asked: int | None) -> int:
@@ -238,14 +203,6 @@ def _class_images(ctx: ToolContext, weight: float, class_prompt: str | None, bas
     return folder
 
 
-def _run_dir(ctx: ToolContext, run: str) -> Path:
-    run_dir = ctx.workspace.run_dir(check_name(run, "run name"))
-    if not (run_dir / "run.yaml").is_file():
-        known = ", ".join(ctx.workspace.names("runs")) or "none yet"
-        raise ToolError(f"no training run {run!r} (runs: {known})")
-    return run_dir
-
-
 def _default_run_name(dataset: str) -> str:
     from booth.dreambooth.setup import same_on_every_process
 
@@ -271,8 +228,8 @@ def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:
     except (OSError, ValueError, ToolError):
         manifest = {}
     resolution = args.get("resolution") or int(manifest.get("resolution") or 512)
-    priors = args.get("prior_loss_weight", 1.0) > 0
-    examples = args.get("train_batch_size", 1) * args.get("gradient_accumulation_steps", 1)
+    priors = args["prior_loss_weight"] > 0
+    examples = args["train_batch_size"] * args["gradient_accumulation_steps"]
     seconds = args["max_train_steps"] * _seconds_per_step(
         args.get("base_model") or ctx.base_model, resolution, examples * (2 if priors else 1))
     what = "with prior preservation" if priors else "no prior preservation"
@@ -285,7 +242,7 @@ def _estimate_resume(ctx: ToolContext, args: dict[str, Any]) -> str | None:
     from booth.dreambooth.checkpoints import resolve_checkpoint
     from booth.dreambooth.config import load_config
 
-    run_dir = ctx.workspace.run_dir(args["run"])
+    run_dir = ctx.workspace.existing_run(args["run"])
     config = load_config(run_dir / "run.yaml")
     step, folder = resolve_checkpoint(run_dir, args.get("checkpoint", "latest"))
     total = args.get("max_train_steps") or config.max_train_steps
@@ -330,3 +287,5 @@ def _model_size(base_model: str) -> str:
 
 train.estimate = _estimate_train
 resume_checkpoint.estimate = _estimate_resume
+train.out_of_memory = lambda args: _out_of_memory(args.get("run_name") or "<the run>")
+resume_checkpoint.out_of_memory = lambda args: _out_of_memory(args["run"])

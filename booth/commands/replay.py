@@ -1,0 +1,105 @@
+"""`booth replay` and `booth demo` (the shipped transcript replayed on a tiny model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from booth.commands import session as shared
+from booth.commands.options import GLOBALS, fail, tool_context
+
+app = typer.Typer()
+
+
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="A transcript (.jsonl) written by booth chat")],
+    execute: Annotated[bool, typer.Option(
+        "--execute", help="Run the approved tool calls again (no LLM is contacted) and "
+        "compare each result with the recorded one; exit 1 if any differs")] = False,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help="With --execute: approve every call without asking")] = False,
+) -> None:
+    """Show a saved session as it looked, or re-run its tool calls with --execute."""
+    code = run_replay(tool_context(), path, execute=execute, yes=yes)
+    if code:
+        raise typer.Exit(code)
+
+
+def run_replay(ctx, path: Path, *, execute: bool, yes: bool) -> int:
+    """The body of `booth replay`; returns the exit code."""
+    from booth.agent import replay as replays
+    from booth.agent.transcript import TranscriptError
+
+    ui = _ui()
+    try:
+        if not execute:
+            replays.show(path, ui)
+            return 0
+        policy = shared.choose_policy(ui, yes=yes, interactive=shared.stdin_is_tty())
+        report = replays.execute(path, ctx, policy, ui, _replay_writer(ctx, path))
+    except (TranscriptError, OSError) as error:
+        raise fail(str(error), 2) from None
+    replays.summarise(ui, report)
+    return 0 if report.all_match else 1
+
+
+def _replay_writer(ctx, source: Path):
+    """The replay is itself a session: record it beside the others."""
+    from booth.agent.transcript import TranscriptWriter, default_path, read_transcript
+
+    header, _ = read_transcript(source)
+    new = shared.session_header(ctx, model=f"replay of {source}", endpoint="none (replay)",
+                                sampling={}, system_prompt=header.get("system_prompt", ""),
+                                replay_of=str(source))
+    return TranscriptWriter.create(default_path(ctx.workspace.transcripts_dir, "replay"), new)
+
+
+@app.command()
+def demo(
+    folder: Annotated[
+        Path, typer.Option(help="Where the demo writes its model, photos and workspace.")
+    ] = Path("booth-demo"),
+) -> None:
+    """Run the whole pipeline offline in about a minute, on a tiny model.
+
+    It builds a tiny random Stable Diffusion and synthetic photos, then replays the shipped
+    session in transcripts/demo.jsonl through the real agent loop (no LLM is contacted).
+    """
+    from booth import demo as demo_files
+    from booth.agent import replay as replays
+    from booth.tools import ToolContext
+
+    transcript = demo_files.shipped_transcript()
+    if not transcript.is_file():
+        raise fail(f"the demo transcript is missing ({transcript}); reinstall booth")
+    ui = _ui()
+    if GLOBALS.workspace or GLOBALS.base_model:
+        # The demo empties its workspace first: it must never be one the user named.
+        ui.info("the demo uses its own workspace and tiny model under --folder; "
+                "--workspace and --base-model are not used")
+    ui.info(f"building a tiny random Stable Diffusion and 5 synthetic photos in {folder}/ ...")
+    folder = folder.resolve()
+    model, workspace = demo_files.prepare_demo_folder(folder)
+    demo_files.enter(folder)
+    context = ToolContext.from_options(workspace=str(workspace), base_model=str(model))
+    ui.info(f"replaying {transcript.name} with --execute --yes (no LLM is contacted)")
+    policy = shared.choose_policy(ui, yes=True, interactive=False)
+    report = replays.execute(transcript, context, policy, ui)
+    replays.summarise(ui, report)
+    samples = [c.result for c in report.comparisons if c.tool == "sample" and c.result]
+    if not samples:
+        raise fail("the demo ended without sample images; see the messages above", code=1)
+    ui.console.print("\n[bold]Sample images:[/]")
+    for path in samples[-1]["images"] + [samples[-1]["grid"]]:
+        ui.console.print(f"  {path}", highlight=False, soft_wrap=True)  # whole, to copy
+
+
+def _ui():
+    from rich.console import Console
+
+    from booth.agent.ui import ChatUI
+
+    return ChatUI(Console(highlight=False))
