@@ -56,7 +56,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 GOOD = ["good1.jpg", "good2.png", "sub/deeper/good3.webp", "gray.png", "sixteen.png",
         "cmyk.jpg", "palette.png", "rgba.png", "rotated.jpg", "bilevel.png", "float.tif",
-        "animated.gif", "small_upscaled.png", "panorama.jpg", "phone_mpo.jpg"]
+        "animated.gif", "small_upscaled.png", "panorama.jpg", "phone_mpo.jpg", "good1_half.jpg"]
 
 BAD = {  # file -> expected code
     "notes.jpg": "not_image", "empty.jpg": "empty", "zero.png": "empty",
@@ -97,6 +97,8 @@ def _make_corpus(root: Path) -> None:
     _photo(10, (300, 100)).save(root / "panorama.jpg")
     # Phones write MPO: the photo plus a second (depth/preview) frame. Not an animation.
     _photo(16).save(root / "phone_mpo.jpg", "MPO", save_all=True, append_images=[_photo(17)])
+    # A resized copy: kept (it may be on purpose), with a warning naming the original.
+    _photo(1).resize((60, 45)).save(root / "good1_half.jpg", quality=90)
     _make_bad_files(root, good1)
 
 
@@ -165,14 +167,14 @@ def corpus(tmp_path, monkeypatch):
     else:  # root reads through chmod 000: simulate the permission error at the open
         import booth.dreambooth.images as images
 
-        real_read = images._read_file
+        real_open = images._open
 
         def deny(path):
             if path.name == "locked.jpg":
                 raise PermissionError(13, "Permission denied", str(path))
-            return real_read(path)
+            return real_open(path)
 
-        monkeypatch.setattr(images, "_read_file", deny)
+        monkeypatch.setattr(images, "_open", deny)
     yield root
     (root / "locked.jpg").chmod(0o644)
 
@@ -213,6 +215,9 @@ def test_every_bad_file_rejected_with_reason_and_every_good_one_kept(ctx, corpus
     assert "small_upscaled.png" in warnings and "upscaled" in warnings
     assert "panorama.jpg" in warnings and "aspect ratio" in warnings
     assert "phone_mpo.jpg" not in warnings
+    near = [w for w in result["warnings"] if "nearly the same picture" in w]
+    assert near == [w for w in near if w.startswith("good1_half.jpg:") and "good1.jpg" in w]
+    assert len(near) == 1, near
 
 
 def _reason(result: dict, file: str) -> str:

@@ -13,10 +13,15 @@ Decisions (documented here because the tool's result depends on them):
   the resolution the photo is upscaled, with a warning that it may look soft.
 - Animated images (GIF, APNG, WebP) and multi-page TIFFs: the first frame is used, with a
   warning.
-- Size limit: `max_pixels` (80 MP) is checked on the header, before anything is decoded, and
-  Pillow's own bomb error is caught; Pillow's global limit is left as it is.
+- Size and memory: see booth.dreambooth.image_decode. Headers are checked before anything is
+  decoded (80 MP for baseline JPEG, decoded at reduced scale; (10 x resolution)^2 for formats
+  decoded whole), and files are streamed, never read whole into memory.
+- A file whose first bytes are a PNG/JPEG/GIF/WebP/TIFF signature but that cannot be decoded is
+  `corrupt` (or `truncated` when it does not end where its format ends), naming the format.
 - Duplicates: same file bytes, or the same decoded pixels, as a file kept earlier (in sorted
-  path order) are rejected, naming that file.
+  path order) are rejected, naming that file. A near-duplicate (a resized or re-encoded copy:
+  same difference hash within a few bits and the same colours) is kept with a warning naming
+  the earlier file: it weakens the dataset a little, but may be on purpose.
 - Known gap: a JPEG with damaged bytes in the middle often still decodes (libjpeg only warns),
   so it cannot be told from a good one; truncated JPEGs and damaged PNGs are caught.
 """
@@ -28,26 +33,22 @@ import hashlib
 import io
 import os
 import stat
-import struct
-import warnings
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
-                  ".heic", ".heif", ".avif", ".jfif"}
-# Photo formats Pillow decodes. Anything else it happens to open (icons, PSD, EPS, FITS...) is
-# refused: those are rarely photos and some need external programs to decode.
-SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM",
-                     "TGA", "JPEG2000", "AVIF", "HEIF"}
-MAX_PIXELS = 80_000_000          # a 200 MP phone mode is the only real photo above this
-MAX_FILE_BYTES = 256 * 2**20     # a file is read whole into memory; videos stop here
+from booth.dreambooth.image_decode import IMAGE_SUFFIXES, MAX_PIXELS, decode_photo
+from booth.dreambooth.image_decode import Reject as _Reject
+
+MAX_FILE_BYTES = 256 * 2**20     # above this it is a video or an archive, not a photo
 MIN_SIDE_FRACTION = 0.5          # shorter side below resolution * this -> rejected
 EXTREME_ASPECT = 2.0             # long/short above this -> the square crop loses a lot
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError,
-                  TypeError, struct.error, zlib.error, MemoryError)
+# Near-duplicates (a resized or re-encoded copy): at most this many of the 64 bits of a
+# difference hash differ AND the 8x8 colour thumbnails differ by at most this much on average
+# (0-255). The colour test keeps flat or smooth pictures, whose hash bits are noise, apart.
+NEAR_DUPLICATE_BITS = 6
+NEAR_DUPLICATE_COLOUR = 8.0
 
 
 @dataclass
@@ -77,12 +78,6 @@ class PrepareReport:
         return asdict(self)
 
 
-class _Reject(Exception):
-    def __init__(self, code: str, reason: str):
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
 def prepare_images(source_dir, out_dir, resolution: int, *, max_pixels: int = MAX_PIXELS,
                    exclude=(), console=None) -> PrepareReport:
     """Prepare every file under `source_dir` into `out_dir/images/NNNN.png` (see module doc).
@@ -104,14 +99,13 @@ def prepare_images(source_dir, out_dir, resolution: int, *, max_pixels: int = MA
     (out / "images").mkdir(parents=True, exist_ok=True)
     if any((out / "images").iterdir()):  # numbering would collide with what is there
         raise ValueError(f"{out / 'images'} is not empty")
-    seen_bytes: dict[str, str] = {}
-    seen_pixels: dict[str, str] = {}
+    seen = _Seen()
     with _progress(console, len(files)) as advance:
         for path in files:
             rel = path.relative_to(source).as_posix()
             try:
-                kept = _prepare_one(path, rel, out, resolution, max_pixels, seen_bytes,
-                                    seen_pixels, len(report.kept) + 1)
+                kept = _prepare_one(path, rel, out, resolution, max_pixels, seen,
+                                    len(report.kept) + 1)
                 report.kept.append(kept)
                 report.warnings += [f"{rel}: {w}" for w in kept.warnings]
             except _Reject as reject:
@@ -191,180 +185,85 @@ def _link_problem(path: Path, rel: str, error: OSError) -> Rejection:
     return Rejection(rel, "unreadable", f"cannot be read ({error.strerror or error})")
 
 
-def _read_file(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
+def _open(path: Path):
+    return open(path, "rb")
 
 
-def _prepare_one(path, rel, out, resolution, max_pixels, seen_bytes, seen_pixels, number):
-    data = _read_checked(path)
-    source_hash = hashlib.sha256(data).hexdigest()
-    if source_hash in seen_bytes:
-        raise _Reject("duplicate", f"exact duplicate of {seen_bytes[source_hash]} (same bytes)")
-    seen_bytes[source_hash] = rel
+@dataclass
+class _Seen:
+    """What the files kept so far look like, to find copies among the next ones."""
+    bytes: dict[str, str] = field(default_factory=dict)    # sha256 of the file -> file
+    pixels: dict[str, str] = field(default_factory=dict)   # hash of decoded pixels -> file
+    looks: list[tuple[str, _Look]] = field(default_factory=list)
+
+
+def _prepare_one(path, rel, out, resolution, max_pixels, seen: _Seen, number):
     notes: list[str] = []
-    image, original_size = _decode(data, path, resolution, max_pixels, notes)
-    _check_size(original_size, resolution, notes)
-    pixel_hash = hashlib.sha256(repr(image.size).encode() + image.tobytes()).hexdigest()
-    if pixel_hash in seen_pixels:
-        raise _Reject("duplicate", f"same pixels as {seen_pixels[pixel_hash]} (a re-saved copy)")
-    seen_pixels[pixel_hash] = rel
-    square = ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS)
+    try:
+        with _open(path) as fp:
+            source_hash = _checked_hash(fp)
+            if source_hash in seen.bytes:
+                raise _Reject("duplicate",
+                              f"exact duplicate of {seen.bytes[source_hash]} (same bytes)")
+            decoded = decode_photo(fp, path.name, resolution, max_pixels, notes)
+    except PermissionError:
+        raise _Reject("unreadable", "permission denied (cannot be read)") from None
+    _check_size(decoded.original_size, resolution, notes)
+    if decoded.pixel_hash in seen.pixels:
+        raise _Reject("duplicate",
+                      f"same pixels as {seen.pixels[decoded.pixel_hash]} (a re-saved copy)")
+    square = ImageOps.fit(decoded.image, (resolution, resolution), Image.Resampling.LANCZOS)
+    look = _Look.of(square)
+    twin = next((file for file, other in seen.looks if look.resembles(other)), None)
+    if twin:
+        notes.append(f"nearly the same picture as {twin} (a resized or re-encoded copy?): it "
+                     "adds little to training; keep one unless they differ on purpose")
+    seen.bytes[source_hash] = seen.pixels[decoded.pixel_hash] = rel
+    seen.looks.append((rel, look))
     buffer = io.BytesIO()
     square.save(buffer, "PNG")
     name = f"images/{number:04d}.png"
     (out / name).write_bytes(buffer.getvalue())
     return KeptImage(name, str(path), hashlib.sha256(buffer.getvalue()).hexdigest(),
-                     source_hash, list(original_size), notes)
+                     source_hash, list(decoded.original_size), notes)
 
 
-def _read_checked(path: Path) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            raise _Reject("empty", "empty file (0 bytes)")
-        if size > MAX_FILE_BYTES:
-            raise _Reject("too_large", f"file is {size / 2**20:.0f} MB, above the "
-                                       f"{MAX_FILE_BYTES // 2**20} MB limit; not a photo")
-        return _read_file(path)
-    except PermissionError:
-        raise _Reject("unreadable", "permission denied (cannot be read)") from None
+def _checked_hash(fp) -> str:
+    """sha256 of the whole file, read in chunks (never held whole in memory)."""
+    size = os.fstat(fp.fileno()).st_size
+    if size == 0:
+        raise _Reject("empty", "empty file (0 bytes)")
+    if size > MAX_FILE_BYTES:
+        raise _Reject("too_large", f"file is {size / 2**20:.0f} MB, above the "
+                                   f"{MAX_FILE_BYTES // 2**20} MB limit; not a photo")
+    digest = hashlib.sha256()
+    while chunk := fp.read(2**20):
+        digest.update(chunk)
+    fp.seek(0)
+    return digest.hexdigest()
 
 
-def _decode(data: bytes, path: Path, resolution: int, max_pixels: int, notes: list[str]):
-    """Fully decoded, oriented RGB image and its oriented size before any downscaling."""
-    with warnings.catch_warnings():
-        # Our own limit below replaces Pillow's warning; its hard error is still caught.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        _probe(data, path, max_pixels)
-        image = Image.open(io.BytesIO(data))
-        header_size = image.size
-        frames = getattr(image, "n_frames", 1)
-        if frames > 1 and image.format != "MPO":  # MPO: phone JPEG + depth map, not a movie
-            notes.append(f"has {frames} frames (animated or multi-page); used the first")
-        try:
-            # JPEG only: decode straight at a reduced scale still >= resolution (much faster);
-            # every byte of the stream is still decoded, so truncation is still caught.
-            image.draft(None, (resolution, resolution))
-            image.load()
-        except _DECODE_ERRORS as error:
-            raise _decode_failure(error) from None
-    try:
-        oriented = ImageOps.exif_transpose(image)
-    except Exception as error:  # a broken EXIF block must not cost the photo
-        notes.append(f"EXIF orientation unreadable ({error}); used as stored")
-        oriented = image
-    swapped = oriented.size != image.size
-    return to_rgb(oriented), (header_size[::-1] if swapped else header_size)
+@dataclass
+class _Look:
+    """A perceptual summary of a prepared square: a 64-bit difference hash (the structure)
+    and an 8x8 colour thumbnail (the colours), both blind to resizing and re-encoding."""
+    bits: int
+    colour: bytes
 
+    @classmethod
+    def of(cls, square: Image.Image) -> _Look:
+        grey = square.convert("L").resize((9, 8), Image.Resampling.BOX).tobytes()
+        bits = 0
+        for row in range(8):
+            for x in range(8):
+                bits = bits << 1 | (grey[row * 9 + x + 1] > grey[row * 9 + x])
+        return cls(bits, square.resize((8, 8), Image.Resampling.BOX).tobytes())
 
-def _probe(data: bytes, path: Path, max_pixels: int) -> None:
-    """Identify the format and check the header and checksums, before the full decode."""
-    try:
-        probe = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as error:
-        raise _Reject("too_many_pixels", f"decompression bomb refused by Pillow: {error}") \
-            from None
-    except UnidentifiedImageError:
-        raise _Reject(*_sniff(data, path)) from None
-    except _DECODE_ERRORS as error:
-        raise _decode_failure(error) from None
-    if probe.format not in SUPPORTED_FORMATS:
-        raise _Reject("unsupported_format",
-                      f"{probe.format} images are not supported; use JPEG, PNG or WebP")
-    width, height = probe.size
-    if width * height > max_pixels:
-        raise _Reject("too_many_pixels",
-                      f"header claims {width}x{height} px ({width * height / 1e6:.0f} MP), above "
-                      f"the {max_pixels / 1e6:.0f} MP limit: a decompression bomb or far larger "
-                      "than training needs")
-    try:
-        probe.verify()  # checksums (PNG CRCs) that load() alone does not check
-    except _DECODE_ERRORS as error:
-        raise _decode_failure(error) from None
-
-
-def _decode_failure(error: Exception) -> _Reject:
-    text = str(error) or type(error).__name__
-    if "truncat" in text.lower():
-        return _Reject("truncated", f"truncated: the file ends early ({text})")
-    return _Reject("corrupt", f"corrupt: cannot be decoded ({text})")
-
-
-_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
-
-
-def _sniff(data: bytes, path: Path) -> tuple[str, str]:
-    """Code and reason for a file Pillow cannot identify, from its first bytes."""
-    head = data[:1024]
-    lowered = head.lstrip().lower()
-    named = (f"named {path.suffix} but " if path.suffix.lower() in IMAGE_SUFFIXES else "")
-    if head.startswith(b"%PDF"):
-        return "not_image", f"{named}a PDF document, not an image; export it as JPEG or PNG"
-    if head[4:8] == b"ftyp":
-        if head[8:12] in _HEIF_BRANDS:
-            return "unsupported_format", ("HEIC/HEIF photo, which this Pillow cannot read; "
-                                          "export it as JPEG (iPhone: Settings > Camera > "
-                                          "Formats > Most Compatible)")
-        return "not_image", f"{named}a video (MP4/MOV), not a photo"
-    if b"<svg" in lowered:
-        return "unsupported_format", "SVG vector drawing; render it to PNG first"
-    if lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in lowered[:200]:
-        return "not_image", f"{named}an HTML page (a saved web page, not the image itself)"
-    if head.startswith(b"PK\x03\x04"):
-        return "not_image", f"{named}a ZIP archive; unpack it first"
-    if b"\0" not in head:
-        try:
-            head.decode("utf-8")
-            return "not_image", f"{named}a text file, not an image"
-        except UnicodeDecodeError:
-            pass
-    return "not_image", f"{named}not a recognised image format"
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any Pillow mode: 16-bit scaled (not clipped), alpha over white."""
-    import numpy as np
-
-    mode = image.mode
-    if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(image), mode), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    icc = image.info.get("icc_profile")
-    if icc and mode in ("RGB", "CMYK"):
-        try:  # e.g. Display P3 phone photos, print CMYK: map the colours, not just the numbers
-            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"),
-                                             outputMode="RGB")
-        except Exception:  # a broken profile: fall back to the plain conversion
-            pass
-    try:
-        return image.convert("RGB")
-    except ValueError as error:
-        raise _Reject("unsupported_mode", f"colour mode {mode} cannot be converted ({error})") \
-            from None
-
-
-def _to_uint8(values, mode: str):
-    """Scale 16/32-bit or float pixels to 0..255 by their range, never by clipping."""
-    import numpy as np
-
-    values = np.nan_to_num(values.astype(np.float64))
-    top = float(values.max()) if values.size else 0.0
-    if mode.startswith("I;16"):
-        scale = 65535.0  # the format says 16-bit, however dark this picture is
-    elif mode == "F" and top <= 1.0:
-        scale = 1.0      # floats in 0..1
-    elif top <= 255:
-        scale = 255.0    # 8-bit values stored in a wider type
-    elif top <= 65535:
-        scale = 65535.0  # 16-bit data opened as 32-bit "I"
-    else:
-        scale = top
-    return np.clip(np.rint(values / scale * 255), 0, 255).astype(np.uint8)
+    def resembles(self, other: _Look) -> bool:
+        differing = (self.bits ^ other.bits).bit_count()
+        pairs = zip(self.colour, other.colour, strict=True)
+        colour = sum(abs(a - b) for a, b in pairs) / len(self.colour)
+        return differing <= NEAR_DUPLICATE_BITS and colour <= NEAR_DUPLICATE_COLOUR
 
 
 def _check_size(size: tuple[int, int], resolution: int, notes: list[str]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Annotated
 from booth.schema import PATH
 from booth.tools.context import ToolContext
 from booth.tools.registry import Param, ToolError, tool
-from booth.tools.workspace import NAME_PATTERN, check_name
+from booth.tools.workspace import NAME_PATTERN, check_name, remove_inside
 
 MIN_PHOTOS, MAX_PHOTOS = 3, 30      # DreamBooth practice: 3-20 photos, a few more is fine
 _RESULT_REJECTED_LIMIT = 40         # the full list is in manifest.json; keep the reply short
@@ -73,7 +72,7 @@ def prepare_dataset(
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replaced = _swap_in(staging, target)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_inside(staging, target.parent)
     return _result(manifest, target, replaced, time.monotonic() - started)
 
 
@@ -150,7 +149,7 @@ def _swap_in(staging: Path, target: Path) -> bool:
     except OSError:
         old.rename(target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove_inside(old, target.parent)
     return True
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,45 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def check_links(path: Path, folder: Path, label: str) -> None:
+    """Refuse (ToolError) when `path` is a link leading out of `folder`, or holds a link leading
+    out of `path` itself (checkpoints/, final/, an image...), or a link loop. Links that stay
+    inside are fine. A dangling link counts by where it points: writing would create that."""
+    if path.is_symlink():
+        _refuse_outward(path, Path(os.path.realpath(folder)), label, f"{folder.name}/")
+    if not path.is_dir():
+        return
+    top = Path(os.path.realpath(path))
+    for parent, dirs, files in os.walk(path):  # links to folders are listed, never entered
+        for name in dirs + files:
+            entry = Path(parent, name)
+            if entry.is_symlink():
+                inner = f"{label}/{entry.relative_to(path).as_posix()}"
+                _refuse_outward(entry, top, inner, f"{label}/")
+
+
+def _refuse_outward(link: Path, inside: Path, label: str, where: str) -> None:
+    real = Path(os.path.realpath(link))
+    target = os.readlink(link)
+    if real.is_symlink():  # realpath stops where the links go round in a circle
+        raise ToolError(f"{label} is a symbolic link loop ({target}); remove it")
+    if real == inside or inside in real.parents:
+        return
+    missing = "" if os.path.lexists(real) else ", which does not exist"
+    raise ToolError(
+        f"{label} is a symbolic link to {real}{missing}, outside {where}: booth writes and "
+        f"deletes there, so it does not follow such links. Move the folder into {inside} "
+        "instead, or link the whole folder (e.g. runs/) to another disk")
+
+
+def remove_inside(path: Path, folder: Path) -> None:
+    """Delete `path`, a folder booth made under `folder`: never a link, never elsewhere."""
+    real_folder = Path(os.path.realpath(folder))
+    if path.is_symlink() or Path(os.path.realpath(path)).parent != real_folder:
+        raise ToolError(f"refusing to delete {path}: it is not a folder directly in {folder}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -47,7 +87,11 @@ class Workspace:
     def _child(self, kind: str, name: str, what: str) -> Path:
         # check_name forbids separators and '..', so the name cannot leave `kind`; the folder
         # itself may be a link elsewhere (runs/ on a bigger disk), which is the user's choice.
-        return self.root / kind / check_name(name, what)
+        # A link at the entry, or inside it, is not: tools write and delete through these
+        # paths, so one leading out (or nowhere) is refused before anything is touched.
+        path = self.root / kind / check_name(name, what)
+        check_links(path, self.root / kind, f"{kind}/{name}")
+        return path
 
     def dataset_dir(self, name: str) -> Path:
         return self._child("datasets", name, "dataset name")
