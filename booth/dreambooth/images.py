@@ -33,11 +33,14 @@ import hashlib
 import io
 import os
 import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from booth.dreambooth.errors import DatasetError
 from booth.dreambooth.image_decode import IMAGE_SUFFIXES, MAX_PIXELS, decode_photo
 from booth.dreambooth.image_decode import Reject as _Reject
 
@@ -83,24 +86,24 @@ def prepare_images(source_dir, out_dir, resolution: int, *, max_pixels: int = MA
     """Prepare every file under `source_dir` into `out_dir/images/NNNN.png` (see module doc).
 
     `exclude`: folders under `source_dir` not to scan (e.g. booth's own workspace); `out_dir`
-    is always excluded. Raises ValueError only when the folders themselves are unusable.
+    is always excluded. Raises DatasetError only when the folders themselves are unusable.
     """
     source = Path(source_dir).expanduser().resolve()
     out = Path(out_dir).resolve()
     if not source.is_dir():
-        raise ValueError(f"{source} is not a folder")
+        raise DatasetError(f"{source} is not a folder")
     skip = {Path(p).resolve() for p in exclude} | {out}
     inside = out == source or source in out.parents
     if inside and not any(s == out or s in out.parents for s in skip - {out}):
         # Writing there would change the folder we promise only to read.
-        raise ValueError(f"output folder {out} is inside the source folder {source}")
+        raise DatasetError(f"output folder {out} is inside the source folder {source}")
     report = PrepareReport()
     files = list(_scan(source, source, skip, {source}, report))
     (out / "images").mkdir(parents=True, exist_ok=True)
     if any((out / "images").iterdir()):  # numbering would collide with what is there
-        raise ValueError(f"{out / 'images'} is not empty")
+        raise DatasetError(f"{out / 'images'} is not empty")
     seen = _Seen()
-    with _progress(console, len(files)) as advance:
+    with _photo_progress(console, len(files)) as advance:
         for path in files:
             rel = path.relative_to(source).as_posix()
             try:
@@ -280,23 +283,14 @@ def _check_size(size: tuple[int, int], resolution: int, notes: list[str]) -> Non
                      f"{kept:.0%} of it; check the subject is in the middle")
 
 
-class _progress:
-    """A rich progress bar on `console`, or nothing when there is no console."""
+@contextmanager
+def _photo_progress(console, total: int) -> Iterator[Callable[[], None]]:
+    """Yield `advance()`: a bar that disappears when done (the result lists every file)."""
+    if console is None:
+        yield lambda: None
+        return
+    from booth.dreambooth.progress import progress_bar
 
-    def __init__(self, console, total: int):
-        self.console, self.total = console, total
-
-    def __enter__(self):
-        if self.console is None:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self.bar = Progress(TextColumn("preparing photos"), BarColumn(), MofNCompleteColumn(),
-                            console=self.console, transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task("prepare", total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.console is not None:
-            self.bar.__exit__(*exc)
+    with progress_bar(console, "preparing photos", transient=True) as bar:
+        task = bar.add_task("prepare", total=total)
+        yield lambda: bar.advance(task)

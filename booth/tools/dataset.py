@@ -61,11 +61,8 @@ def prepare_dataset(
     started = time.monotonic()
     staging = target.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     try:
-        try:
-            report = prepare_images(source, staging, resolution,
-                                    exclude=[ctx.workspace.root], console=ctx.console)
-        except ValueError as error:  # e.g. the source folder holds the workspace's datasets/
-            raise ToolError(f"cannot prepare {source}: {error}") from None
+        report = prepare_images(source, staging, resolution, exclude=[ctx.workspace.root],
+                                console=ctx.console)
         if not report.kept:
             raise ToolError(_nothing_usable(source, report))
         manifest = _manifest(name, source, class_noun, instance_token, resolution, report)
