@@ -119,9 +119,20 @@ def test_endpoint_down_exits_non_zero_with_one_message_and_a_valid_transcript(wo
     path = tmp_path / "t.jsonl"
     result = chat(workspace, url, "hello", "--transcript", str(path))
     assert result.exit_code == 1
-    assert f"Could not reach the model endpoint at {url}" in said(result)
+    errors = " ".join(result.stderr.split())
+    assert f"Could not reach the model endpoint at {url}" in errors  # on stderr, not stdout
+    assert "Could not reach" not in result.stdout
     assert "Traceback" not in said(result)
     assert [e["type"] for e in transcript_events(path)] == ["user", "endpoint_error"]
+
+
+def test_a_session_that_ends_before_anything_is_said_leaves_no_transcript(tty, workspace,
+                                                                        tmp_path):
+    with FakeLLM([]) as llm:
+        result = chat(workspace, llm.base_url, input="")  # Ctrl-D at the first prompt
+    assert result.exit_code == 0, result.output
+    assert "no transcript kept" in said(result)
+    assert not list((tmp_path / "workspace" / "transcripts").glob("*.jsonl"))
 
 
 def test_unknown_provider_is_a_clear_error(workspace):

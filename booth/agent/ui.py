@@ -53,8 +53,11 @@ def arguments_table(arguments: dict, defaults: dict | None = None,
 class ChatUI:
     """Everything the user sees of the agent, printed through one rich console."""
 
-    def __init__(self, console: Console | None = None, secrets: list[str] | None = None):
+    def __init__(self, console: Console | None = None, secrets: list[str] | None = None,
+                 errors: Console | None = None):
         self.console = console or Console(highlight=False)
+        # Errors may go elsewhere (stderr in `booth chat`); by default beside the rest.
+        self.errors = errors or self.console
         if secrets:
             self.hide(secrets)
         self._streaming = False
@@ -68,7 +71,8 @@ class ChatUI:
         from booth.agent.masking import MaskingFile
 
         if [s for s in secrets if s]:
-            self.console.file = MaskingFile(self.console.file, secrets)
+            for console in {id(c): c for c in (self.console, self.errors)}.values():
+                console.file = MaskingFile(console.file, secrets)
 
     # -- waiting for the model --------------------------------------------------------------
     def status(self, text: str | None, lasting: bool = False) -> None:
@@ -167,7 +171,7 @@ class ChatUI:
     # -- the session ----------------------------------------------------------------------
     def error(self, message: str) -> None:
         self.end_text()
-        self.console.print(f"[bold red]error:[/] [red]{escape(message)}[/]", highlight=False)
+        self.errors.print(f"[bold red]error:[/] [red]{escape(message)}[/]", highlight=False)
 
     def notice(self, message: str) -> None:
         self.end_text()

@@ -119,7 +119,8 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
         goal = sys.stdin.read().strip() if sys.stdin is not None else ""
         if not goal:
             raise fail("no goal: give it as an argument (booth chat \"...\") or on stdin", 2)
-    ui = ChatUI(Console(highlight=False), secrets=settings.secrets())
+    ui = ChatUI(Console(highlight=False), secrets=settings.secrets(),
+                errors=Console(stderr=True, highlight=False))
     read = shared.reader(ui)
     policy = shared.choose_policy(ui, yes=yes, interactive=interactive)
     session = _open_session(ctx, settings, OpenAIChatModel(settings), policy, ui, goal,
@@ -144,8 +145,19 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
         return EXIT_TERMINATED
     finally:
         session.transcript.close()
-        ui.info(f"transcript saved: {session.transcript.path}")
+        _keep_or_drop(session, resume is not None, ui)
     return 0 if ok or interactive else 1
+
+
+def _keep_or_drop(session, resumed: bool, ui) -> None:
+    """A new transcript that holds no user message (the session ended at its first prompt)
+    is only clutter: it is removed. Anything else is kept and named."""
+    path = session.transcript.path
+    if not resumed and not any(m.get("role") == "user" for m in session.messages):
+        path.unlink(missing_ok=True)
+        ui.info("nothing was said: no transcript kept")
+        return
+    ui.info(f"transcript saved: {path}")
 
 
 def _open_session(ctx, settings, model, policy, ui, goal, transcript, resume):
