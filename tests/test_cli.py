@@ -222,3 +222,14 @@ def test_tools_table_shows_defaults_and_bounds_from_the_schemas():
     assert f"{low} to {high}" in steps
     assert " | ".join(schema["mixed_precision"]["enum"]) in rows["mixed_precision"]
     assert f"> {schema['learning_rate']['exclusiveMinimum']}" in rows["learning_rate*"]
+
+
+def test_a_hub_id_that_is_not_here_is_said_in_one_line_at_once(workspace):
+    # The tests run with HF_HUB_OFFLINE=1 (conftest): as a user without network would.
+    result = runner.invoke(app, ["--workspace", workspace, "--base-model", "someone/sd-typo",
+                                 "call", "sample", "prompts=a dog"])
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "'someone/sd-typo' is neither a local folder nor in the local Hugging Face cache" in text
+    assert "hf download someone/sd-typo" in text and "--base-model" in text
+    assert "stacktrace" not in text and "Traceback" not in text

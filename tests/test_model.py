@@ -316,3 +316,14 @@ def test_scripted_and_replay_models_answer_in_order_then_say_they_are_done():
         assert shown == ["one"]
         with pytest.raises(EndpointError, match="no more recorded|no turn left"):
             model.complete(START, TOOLS)
+
+
+def test_each_preset_assumes_the_window_its_start_hint_gives_the_server():
+    import re
+
+    from booth.agent.settings import PRESETS
+
+    for name in ("ollama", "llamacpp"):
+        preset = PRESETS[name]
+        started = re.search(r"(?:OLLAMA_CONTEXT_LENGTH=|-c )(\d+)", preset.start_hint)
+        assert started and int(started.group(1)) == preset.context_window, name

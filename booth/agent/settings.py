@@ -30,22 +30,23 @@ class Preset:
 # Why these models and windows:
 # - vllm: the open weights of Small 3.2 (128k context).
 # - ollama: its library tag for Small 3.2. Ollama truncates prompts silently at the server's
-#   num_ctx, which the OpenAI endpoint cannot change; start it with OLLAMA_CONTEXT_LENGTH=32768
-#   and pass --context-window 32768, else booth assumes a modest 8k.
+#   num_ctx, which the OpenAI endpoint cannot change: the hint starts it with the window booth
+#   then assumes (pass --context-window if yours was started otherwise).
 # - llamacpp: llama-server answers with whatever GGUF it loaded; the name is informational.
-#   Its window is `-c`; 32k is what the hint below starts.
+#   Its window is `-c`, started by the hint with the window booth assumes.
 # - mistral: the hosted mistral-small-2506 (Small 3.2) was retired on 2026-07-31;
 #   `mistral-small-latest` is the Small model Mistral serves now (Small 4, 128k+ context).
 #   Pin another with --model / BOOTH_MODEL.
+LOCAL_WINDOW = 32768  # what the ollama and llamacpp hints start their servers with
 PRESETS: dict[str, Preset] = {
     "vllm": Preset("http://localhost:8000/v1", VLLM_MODEL, 131072, False, VLLM_SERVE),
     "ollama": Preset(
-        "http://localhost:11434/v1", "mistral-small3.2:24b", 8192, False,
-        "OLLAMA_CONTEXT_LENGTH=32768 ollama serve; ollama pull mistral-small3.2:24b",
+        "http://localhost:11434/v1", "mistral-small3.2:24b", LOCAL_WINDOW, False,
+        f"OLLAMA_CONTEXT_LENGTH={LOCAL_WINDOW} ollama serve; ollama pull mistral-small3.2:24b",
     ),
     "llamacpp": Preset(
-        "http://localhost:8080/v1", "Mistral-Small-3.2-24B-Instruct-2506", 32768, False,
-        "llama-server -m <Mistral-Small-3.2 GGUF> --jinja -c 32768 --port 8080",
+        "http://localhost:8080/v1", "Mistral-Small-3.2-24B-Instruct-2506", LOCAL_WINDOW, False,
+        f"llama-server -m <Mistral-Small-3.2 GGUF> --jinja -c {LOCAL_WINDOW} --port 8080",
     ),
     "mistral": Preset(
         "https://api.mistral.ai/v1", "mistral-small-latest", 131072, True,

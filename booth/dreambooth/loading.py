@@ -29,15 +29,62 @@ def resolve_base_model(base_model: str) -> str:
             f"base model {base_model!r} is neither an existing folder nor a hub id like "
             "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
         )
+    if not _in_hub_cache(base_model) and _hub_offline():
+        raise _not_here(base_model, "and the hub is switched off here (HF_HUB_OFFLINE)")
     return base_model
 
 
-def _load_failure(base_model: str, error: Exception) -> ModelLoadError:
-    hint = (
-        "check the hub id and your network, or pass a local folder with --base-model "
-        "(`booth tiny-model DIR` writes a small offline one for trying booth out)"
-    )
-    return ModelLoadError(f"could not load base model {base_model!r}: {error}. {hint}")
+_WHAT_TO_DO = ("download it first where there is a network (`hf download {id}`), or pass a "
+               "local diffusers folder with --base-model (`booth tiny-model DIR` writes a small "
+               "one for trying booth out)")
+
+
+def ensure_downloadable(base_model: str) -> None:
+    """Before loading a hub model that is not in the cache: a hub that cannot be reached is
+    said at once, rather than after the libraries' retries and timeouts."""
+    if Path(base_model).expanduser().exists() or _in_hub_cache(base_model):
+        return
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    host = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
+    except OSError:
+        raise _not_here(base_model, f"and {host.hostname} cannot be reached from here") \
+            from None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _not_here(base_model: str, why: str) -> ModelLoadError:
+    return ModelLoadError(f"base model {base_model!r} is neither a local folder nor in the "
+                          f"local Hugging Face cache, {why}: " + _WHAT_TO_DO.format(id=base_model))
+
+
+def load_failure(base_model: str, error: Exception, what: str = "it") -> ModelLoadError:
+    """One line for a model that did not load. The libraries' own words point at "the
+    stacktrace above", which booth does not show: only their first sentence is kept."""
+    reason = str(error).split(". ")[0].split("\n")[0].strip()
+    if Path(base_model).expanduser().exists():
+        return ModelLoadError(f"could not load {what} of base model {base_model!r}: {reason}")
+    return ModelLoadError(f"could not download base model {base_model!r} ({reason}): check "
+                          "the id, or " + _WHAT_TO_DO.format(id=base_model))
 
 
 @contextmanager
@@ -64,17 +111,18 @@ def quiet_progress(source: str | None = None):
 
 def load_pipeline(base_model: str, device=None, dtype=None):
     """A `StableDiffusionPipeline` for inference, without safety checker or progress bars."""
+    source = resolve_base_model(base_model)  # before the seconds of importing torch
+    ensure_downloadable(source)
     import torch
     from diffusers import StableDiffusionPipeline
 
-    source = resolve_base_model(base_model)
     try:
         with quiet_progress(source):
             pipeline = StableDiffusionPipeline.from_pretrained(
                 source, dtype=dtype or torch.float32, safety_checker=None,
                 requires_safety_checker=False)
     except (OSError, ValueError) as error:
-        raise _load_failure(base_model, error) from None
+        raise load_failure(base_model, error) from None
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or default_device())
 
@@ -82,6 +130,7 @@ def load_pipeline(base_model: str, device=None, dtype=None):
 def load_inference_pipeline(base_model: str):
     """The pipeline for generating images: fp16 on CUDA (half the memory, faster), fp32
     elsewhere (CPU fp16 is slow or unsupported)."""
+    ensure_downloadable(resolve_base_model(base_model))  # said before torch is imported
     import torch
 
     return load_pipeline(base_model, dtype=torch.float16 if torch.cuda.is_available() else None)

@@ -26,7 +26,8 @@ from booth.dreambooth.checkpoints import (
 )
 from booth.dreambooth.config import load_config
 from booth.dreambooth.loading import (
-    ModelLoadError,
+    ensure_downloadable,
+    load_failure,
     load_pipeline,
     quiet_progress,
     resolve_base_model,
@@ -52,6 +53,7 @@ class Parts:
 def load_parts(base_model: str) -> Parts:
     """Load UNet, VAE, text encoder, tokenizer and a DDPM training scheduler from `base_model`."""
     source = resolve_base_model(base_model)
+    ensure_downloadable(source)
     with quiet_progress(source):
         return _load_parts(source, base_model)
 
@@ -70,10 +72,8 @@ def _load_parts(source: str, base_model: str) -> Parts:
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
         )
     except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"could not load the SD-1.x parts of {base_model!r}: {error}. Check the id or "
-            "folder (it needs unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-        ) from None
+        raise load_failure(base_model, error, "its SD-1.x parts (unet/, vae/, text_encoder/, "
+                           "tokenizer/, scheduler/)") from None
 
 
 def lora_config(rank: int, targets: list[str]):
