@@ -125,7 +125,7 @@ def kill_at(child: subprocess.Popen, run_dir: Path, kind: str, rng: random.Rando
     """SIGKILL `child` at the moment `kind` names; False if it ended first."""
     checkpoints = run_dir / "checkpoints"
     deadline = time.monotonic() + 300
-    delay = time.monotonic() + rng.uniform(4, 12)
+    delay = time.monotonic() + rng.uniform(1.5, 6)
 
     def moment() -> bool:
         if kind == "before_first_checkpoint":

@@ -149,3 +149,21 @@ def test_parse_edit(text, patch):
 def test_parse_edit_rejects_what_it_cannot_read(text):
     with pytest.raises(ToolArgumentError):
         parse_edit(text)
+
+
+def test_result_lines_keep_hints_and_paths_whole_and_a_stopped_tool_says_where():
+    from booth.agent.ui import ChatUI
+
+    out = io.StringIO()
+    ui = ChatUI(Console(file=out, width=60))
+    hint = ("sample with run='medor-1' (final model), or checkpoint='checkpoint-20' to "
+            "compare an earlier step")
+    path = "/home/someone/booth-workspace/runs/medor-1/final/unet/diffusion_pytorch_model.bin"
+    ui.tool_result("train", {"status": "completed", "final_model": path, "hint": hint}, 3.0)
+    shown = out.getvalue()
+    assert hint in shown and path in shown  # whole, each on one line the terminal wraps
+    out.truncate(0)
+    ui.tool_result("train", {"status": "interrupted", "steps": 14,
+                             "checkpoints": ["checkpoint-10", "checkpoint-14"]}, 2.0)
+    assert "train stopped at step 14 (checkpoint-14)" in out.getvalue()
+    assert "done" not in out.getvalue()

@@ -235,7 +235,11 @@ def test_sample_from_a_run_and_its_errors(ctx, monkeypatch, tiny_model):
 
     monkeypatch.setattr(trainer, "load_run_pipeline", fake_load)
     result = _sample(ctx, run="rex", checkpoint="10", num_images_per_prompt=1)
-    assert calls == [("rex", "10")] and result["model"] == "run rex (10)"
+    assert calls == [("rex", "checkpoint-10")]
+    assert result["model"] == "run rex (checkpoint-10, step 10)"
+    # 'latest' says which step it is: the person must know what they are looking at.
+    assert _sample(ctx, run="rex", checkpoint="latest", num_images_per_prompt=1)["model"] == \
+        "run rex (checkpoint-10, step 10)"
     assert Path(result["folder"]).name.startswith("rex-") and len(result["images"]) == 2
 
 

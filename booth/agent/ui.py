@@ -27,6 +27,20 @@ def _short(value: Any, width: int = _VALUE_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _headline(name: str, result: Any, seconds: float) -> str:
+    """'✓ train done in 3.1 s', or for a tool stopped at a safe point 'train stopped at step
+    14 (checkpoint-14) after 3.1 s'."""
+    if not (isinstance(result, dict) and result.get("status") == "interrupted"):
+        return f"[green]✓ {escape(name)}[/] done in {seconds:.1f} s"
+    where = ""
+    if isinstance(result.get("steps"), int):
+        where = f" at step {result['steps']}"
+        checkpoints = result.get("checkpoints") or []
+        if checkpoints and checkpoints[-1] == f"checkpoint-{result['steps']}":
+            where += f" ({checkpoints[-1]})"
+    return f"[yellow]■ {escape(name)} stopped{escape(where)}[/] after {seconds:.1f} s"
+
+
 def arguments_table(arguments: dict, defaults: dict | None = None,
                     order: list[str] | None = None) -> Table:
     """The arguments of a call: what the model chose, one per row, then the values left at
@@ -134,20 +148,28 @@ class ChatUI:
         )
 
     def tool_result(self, name: str, result: Any, seconds: float) -> None:
-        """A short summary of a finished call's JSON result: one line per field, lists
-        item by item (the paths of sampled images matter to the user)."""
-        self.console.print(f"[green]✓ {escape(name)}[/] done in {seconds:.1f} s", highlight=False)
+        """A finished call's JSON result: one line per field, lists item by item (the paths
+        of sampled images matter to the user). Text (hints, paths) is printed whole and left
+        to the terminal to wrap, so it can be copied; only structured values are cut to fit.
+        A tool that stopped early says where, instead of "done"."""
+        self.console.print(_headline(name, result, seconds), highlight=False)
         if not isinstance(result, dict):
             return
         for key, value in list(result.items())[:12]:
             if isinstance(value, list) and value:
                 self._line(f"  [dim]{escape(key)}:[/] {len(value)} item(s)")
                 for item in value[:4]:
-                    self._line(f"    - {escape(_short(item, 200))}")
+                    self._field("    - ", item)
                 if len(value) > 4:
                     self._line(f"    [dim]… and {len(value) - 4} more[/]")
             else:
-                self._line(f"  [dim]{escape(key)}:[/] {escape(_short(value))}")
+                self._field(f"  [dim]{escape(key)}:[/] ", value)
+
+    def _field(self, label: str, value: Any) -> None:
+        if isinstance(value, str):
+            self.console.print(label + escape(value), highlight=False, soft_wrap=True)
+        else:
+            self._line(label + escape(_short(value)))
 
     def _line(self, markup: str) -> None:
         self.console.print(markup, highlight=False, no_wrap=True, overflow="ellipsis")

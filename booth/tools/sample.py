@@ -68,9 +68,14 @@ def _pipeline(ctx: ToolContext, run: str | None, checkpoint: str | None):
         return ctx.load_pipeline(ctx.base_model), f"base model {ctx.base_model}"
     run_dir = ctx.workspace.existing_run(run)
     from booth.dreambooth import trainer
+    from booth.dreambooth.checkpoints import resolve_checkpoint
 
-    pipeline = trainer.load_run_pipeline(run_dir, checkpoint)
-    return pipeline, f"run {run} ({checkpoint or 'final model'})"
+    if checkpoint is None:
+        return trainer.load_run_pipeline(run_dir), f"run {run} (final model)"
+    # 'latest' and '400' are named as what they are: the user must know which step this is.
+    step, folder = resolve_checkpoint(run_dir, checkpoint)
+    pipeline = trainer.load_run_pipeline(run_dir, folder.name)
+    return pipeline, f"run {run} ({folder.name}, step {step})"
 
 
 def _output_folder(ctx: ToolContext, run: str | None):
