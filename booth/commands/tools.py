@@ -98,6 +98,9 @@ def call_tool(
             "(values read as JSON when they parse, else as text).",
         ),
     ] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate the call and print what it would cost, as the approval "
+        "prompt shows it, without running it.")] = False,
 ) -> None:
     """Run one tool directly, validated exactly as a model's call would be.
 
@@ -110,6 +113,8 @@ def call_tool(
     try:
         spec = get_tool(name)
         parsed = parse_words(arguments or [], spec.parameters)
+        if dry_run:
+            return _dry_run(spec, context, parsed)
         with context.interruptible():
             result = spec.run(context, parsed)
     except ToolError as error:
@@ -125,3 +130,14 @@ def call_tool(
         hint = result.get("hint", "") if isinstance(result, dict) else ""
         raise fail(f"terminated (SIGTERM): {name} stopped at a safe point. {hint}".strip(),
                    code=EXIT_TERMINATED)
+
+
+def _dry_run(spec, context, arguments: dict) -> None:
+    """The validated call and its cost line; nothing runs."""
+    from booth.agent.approval import cost_line
+
+    validated = spec.validate(arguments)
+    cost = cost_line(spec, context, validated)
+    context.console.print(f"cost: {cost or 'no estimate for this tool'}", highlight=False)
+    typer.echo(json.dumps({"tool": spec.name, "arguments": validated, "cost": cost}, indent=2,
+                          default=str))

@@ -83,6 +83,7 @@ class PriorResult:
     generated: list[Path] = field(default_factory=list)
     reused: int = 0
     seconds: float = 0.0
+    load_seconds: float = 0.0  # of `seconds`, loading the model (0 when nothing was missing)
 
 
 def model_id(base_model: str) -> str:
@@ -149,9 +150,10 @@ def generate_class_images(key: PriorKey, folder: Path, num_images: int,
     missing = [n for n in range(1, num_images + 1) if n not in present]
     reused = num_images - len(missing)
     generated: list[Path] = []
-    status = "complete"
+    status, load_seconds = "complete", 0.0
     if missing:
         pipeline = _prepare_pipeline(load_pipeline(), key.scheduler)
+        load_seconds = time.monotonic() - started
         from rich.markup import escape
 
         label = f"class images [dim]{escape(key.prompt[:40])}"
@@ -168,7 +170,7 @@ def generate_class_images(key: PriorKey, folder: Path, num_images: int,
     _write_metadata(folder, key)
     images = [folder / image_name(n) for n in existing_images(folder) if n <= num_images]
     return PriorResult(folder, status, images, generated, reused,
-                       round(time.monotonic() - started, 2))
+                       round(time.monotonic() - started, 2), round(load_seconds, 2))
 
 
 def _claim(folder: Path, key: PriorKey) -> None:

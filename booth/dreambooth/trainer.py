@@ -74,6 +74,10 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     final_model: Path | None = None
     seconds: float = 0.0
+    # What the time went on, for estimates: the steps this call ran, and the seconds of the
+    # loop that ran them (the rest is loading, caching and export).
+    steps_run: int = 0
+    loop_seconds: float = 0.0
 
 
 def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] = lambda: False
@@ -194,13 +198,14 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, s
         # After a resume, TensorBoard drops what the killed run logged past the checkpoint.
         purge = {"tensorboard": {"purge_step": state["step"] + 1}} if resuming else {}
         t.accelerator.init_trackers("dreambooth", config=tracker_config(config), init_kwargs=purge)
-    final_model = None
+    final_model, first_step, loop_started = None, state["step"], time.monotonic()
     try:
         if state["step"] >= config.max_train_steps:  # resumed only to export the end
             status, loss = "completed", last_loss(run_dir / "metrics.jsonl")
         else:
             status, loss = _loop(t, config, run_dir, state, console, should_stop,
                                  saved_at=state["step"] if checkpoint else -1)
+        loop_seconds = time.monotonic() - loop_started
         if status == "completed":
             final_model = _export(t, config, run_dir)
     finally:
@@ -209,7 +214,8 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, s
     return TrainResult(
         run_dir=run_dir, status=status, steps_done=state["step"], final_loss=loss,
         checkpoints=[path for _, path in list_checkpoints(run_dir)], final_model=final_model,
-        seconds=time.monotonic() - started,
+        seconds=time.monotonic() - started, steps_run=state["step"] - first_step,
+        loop_seconds=loop_seconds,
     )
 
 

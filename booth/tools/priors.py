@@ -8,8 +8,8 @@ from typing import Annotated
 
 from booth.dreambooth.priors import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from booth.schema import NOT_BLANK, PATH
+from booth.tools import estimates
 from booth.tools.context import ToolContext, absolute_if_local
-from booth.tools.estimates import device_kind, duration
 from booth.tools.registry import Param, tool
 
 _SAMPLE_PATHS = 4
@@ -54,6 +54,9 @@ def generate_priors(
     result = generate_class_images(
         key, folder, num_images, lambda: ctx.load_pipeline(key.source), batch_size=batch_size,
         console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    if result.generated:
+        estimates.record_generation(ctx.workspace.root, _setup(key), len(result.generated),
+                                    key.num_inference_steps, result.seconds, result.load_seconds)
     return _result(key, result, num_images)
 
 
@@ -102,31 +105,6 @@ def _result(key, result, requested: int) -> dict:
     return out
 
 
-# Seconds per image per denoising step at 512 px, guidance included (rough, for the approval
-# prompt only). Tiny test models are measured separately: ~0.04 s at 64 px on 2 CPU cores.
-_SECONDS_PER_STEP = {"cuda": 0.05, "mps": 0.4, "cpu": 5.0}
-_TINY_SECONDS_PER_STEP_64 = {"cuda": 0.005, "mps": 0.01, "cpu": 0.04}
-
-
-def seconds_per_image(base_model: str, resolution: int, steps: int) -> tuple[float, str]:
-    """A rough time per generated image on this machine, and the device described."""
-    import torch
-
-    from booth.dreambooth.priors import unet_and_vae_config
-
-    kind = device_kind()
-    where = {"cuda": lambda: f"cuda ({torch.cuda.get_device_name(0)})",
-             "mps": lambda: "mps (Apple GPU)",
-             "cpu": lambda: f"cpu ({torch.get_num_threads()} threads)"}[kind]()
-    configs = unet_and_vae_config(base_model)
-    widths = (configs[0].get("block_out_channels") or [320]) if configs else [320]
-    if max(widths) <= 128:  # a tiny test model, hundreds of times cheaper than SD
-        per_step = _TINY_SECONDS_PER_STEP_64[kind] * (resolution / 64) ** 2
-    else:
-        per_step = _SECONDS_PER_STEP[kind] * (resolution / 512) ** 2
-    return per_step * steps, where
-
-
 def _describe_cost(ctx, args: dict) -> str:
     from booth.dreambooth.priors import existing_images
 
@@ -139,11 +117,15 @@ def _describe_cost(ctx, args: dict) -> str:
     missing = wanted - len(present)
     if missing == 0:
         return f"{wanted} images at {key.resolution} px: all already made, nothing to generate"
-    per_image, where = seconds_per_image(key.source, key.resolution,
-                                         key.num_inference_steps)
+    time_needed = estimates.generation_time(ctx.workspace.root, key.source, _setup(key),
+                                            missing, key.num_inference_steps)
     reused = f" ({len(present)} reused)" if present else ""
     return (f"{wanted} images at {key.resolution} px, {key.num_inference_steps} steps: "
-            f"{missing} to generate{reused}, ~{duration(missing * per_image)} on {where}")
+            f"{missing} to generate{reused}, {time_needed.words(estimates.device_name())}")
+
+
+def _setup(key):
+    return estimates.generate_setup(key.source, key.resolution, key.guidance_scale)
 
 
 generate_priors.estimate = _describe_cost

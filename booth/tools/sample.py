@@ -8,6 +8,7 @@ from typing import Annotated
 from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
 from booth.dreambooth.sampling import DEFAULT_STEPS
 from booth.schema import NOT_BLANK
+from booth.tools import estimates
 from booth.tools.context import ToolContext
 from booth.tools.registry import Param, ToolError, tool
 from booth.tools.workspace import NAME_PATTERN
@@ -51,15 +52,49 @@ def sample(
 
     if checkpoint is not None and run is None:
         raise ToolError("checkpoint needs a run: pass run='<name>' as well")
+    started = time.monotonic()
     pipeline, model = _pipeline(ctx, run, checkpoint)
+    load_seconds = time.monotonic() - started
     folder = _output_folder(ctx, run)
     result = sample_images(
         pipeline, prompts, folder, num_images_per_prompt=num_images_per_prompt,
         guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed,
         negative_prompt=negative_prompt or None, height=height, width=width,
         console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    if result.images:
+        estimates.record_generation(
+            ctx.workspace.root, _setup(ctx, run, pipeline, height or width, guidance_scale),
+            len(result.images),
+            num_inference_steps, result.seconds + load_seconds, load_seconds)
     return _result(result, folder, model, seed, num_inference_steps, guidance_scale,
                    len(prompts) * num_images_per_prompt)
+
+
+def _setup(ctx: ToolContext, run: str | None, pipeline, size: int | None, guidance: float):
+    """Sampling costs what generating with the run's base model costs."""
+    size = size or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    return estimates.generate_setup(_base_model(ctx, run), size, guidance)
+
+
+def _base_model(ctx: ToolContext, run: str | None) -> str:
+    if run is None:
+        return ctx.base_model
+    from booth.dreambooth.config import load_config
+
+    return load_config(ctx.workspace.existing_run(run) / "run.yaml").base_model
+
+
+def _estimate(ctx: ToolContext, args: dict) -> str:
+    from booth.dreambooth.priors import natural_resolution
+
+    base = _base_model(ctx, args.get("run"))
+    size = args.get("height") or args.get("width") or natural_resolution(base)
+    images = len(args["prompts"]) * args["num_images_per_prompt"]
+    setup = estimates.generate_setup(base, size, args["guidance_scale"])
+    time_needed = estimates.generation_time(ctx.workspace.root, base, setup, images,
+                                            args["num_inference_steps"])
+    return (f"{images} images at {size} px, {args['num_inference_steps']} steps, "
+            f"{time_needed.words(estimates.device_name())}")
 
 
 def _pipeline(ctx: ToolContext, run: str | None, checkpoint: str | None):
@@ -109,3 +144,6 @@ def _result(result, folder, model: str, seed: int, steps: int, guidance: float,
     if result.status == "interrupted":
         out["hint"] = f"stopped after {len(result.images)} of {wanted} images. " + out["hint"]
     return out
+
+
+sample.estimate = _estimate

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
 from booth.dreambooth.config import TrainConfig
 from booth.schema import setting
+from booth.tools import estimates
 from booth.tools.context import ToolContext
-from booth.tools.estimates import device_kind, duration
 from booth.tools.registry import Param, ToolError, tool
 from booth.tools.workspace import NAME_PATTERN, check_name
 
@@ -78,6 +78,7 @@ def train(
         resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
     )
     result = trainer.train(config, console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(name, result)
 
 
@@ -97,10 +98,13 @@ def resume_checkpoint(
     after the chosen checkpoint are replaced by the continued training.
     """
     from booth.dreambooth import trainer
+    from booth.dreambooth.config import load_config
 
     run_dir = ctx.workspace.existing_run(run)
     result = trainer.resume(run_dir, checkpoint, max_train_steps, console=ctx.console,
                             should_stop=ctx.stop_requested.is_set)
+    estimates.record_training(ctx.workspace.root, _setup(load_config(run_dir / "run.yaml")),
+                              result)
     return _result(run, result)
 
 
@@ -212,13 +216,13 @@ def _default_run_name(dataset: str) -> str:
 
 # --- estimates shown when the user approves a call -------------------------------------------
 
-# Seconds per training example (forward + backward), measured or reported: the tiny test model
-# on this project's 2-core CPU at 64 px; SD 1.5 at 512 px (a T4 ran ~0.93 steps/s with a
-# subject and a class image). Other sizes scale with pixels^0.8 (fits 64 -> 128 px on CPU).
-_SECONDS_PER_EXAMPLE = {
-    ("cpu", "tiny"): (64, 0.065), ("cuda", "tiny"): (64, 0.01), ("mps", "tiny"): (64, 0.03),
-    ("cpu", "sd"): (512, 20.0), ("cuda", "sd"): (512, 0.3), ("mps", "sd"): (512, 2.5),
-}
+
+def _setup(config: TrainConfig):
+    examples = config.train_batch_size * config.gradient_accumulation_steps
+    examples *= 2 if config.with_prior_preservation else 1
+    return estimates.train_setup(config.base_model, config.resolution, examples,
+                                 config.mixed_precision, config.train_text_encoder,
+                                 config.use_lora)
 
 
 def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:
@@ -227,31 +231,36 @@ def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:
                               .read_text(encoding="utf-8"))
     except (OSError, ValueError, ToolError):
         manifest = {}
-    resolution = args.get("resolution") or int(manifest.get("resolution") or 512)
-    priors = args["prior_loss_weight"] > 0
-    examples = args["train_batch_size"] * args["gradient_accumulation_steps"]
-    seconds = args["max_train_steps"] * _seconds_per_step(
-        args.get("base_model") or ctx.base_model, resolution, examples * (2 if priors else 1))
-    what = "with prior preservation" if priors else "no prior preservation"
-    lora = ", LoRA" if args.get("use_lora") else ""
-    return (f"{args['max_train_steps']} steps at {resolution} px ({what}{lora}), "
-            f"~{duration(seconds)} on {device_kind()}")
+    settings = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**{**settings, "base_model": args.get("base_model") or ctx.base_model,
+                            "resolution": args.get("resolution")
+                            or int(manifest.get("resolution") or 512)})
+    time_needed = estimates.training_time(ctx.workspace.root, config.base_model,
+                                          _setup(config), config.max_train_steps)
+    what = "with prior preservation" if config.with_prior_preservation else \
+        "no prior preservation"
+    lora = ", LoRA" if config.use_lora else ""
+    return (f"{config.max_train_steps} steps at {config.resolution} px ({what}{lora}), "
+            f"{time_needed.words(estimates.device_name())}")
 
 
 def _estimate_resume(ctx: ToolContext, args: dict[str, Any]) -> str | None:
-    from booth.dreambooth.checkpoints import resolve_checkpoint
+    from booth.dreambooth.checkpoints import list_checkpoints, resolve_checkpoint
     from booth.dreambooth.config import load_config
 
     run_dir = ctx.workspace.existing_run(args["run"])
     config = load_config(run_dir / "run.yaml")
-    step, folder = resolve_checkpoint(run_dir, args.get("checkpoint", "latest"))
+    if list_checkpoints(run_dir) or args.get("checkpoint", "latest") != "latest":
+        step, folder = resolve_checkpoint(run_dir, args.get("checkpoint", "latest"))
+        start = folder.name
+    else:
+        step, start = 0, "step 0 (no checkpoint was saved)"
     total = args.get("max_train_steps") or config.max_train_steps
-    examples = config.train_batch_size * config.gradient_accumulation_steps
-    examples *= 2 if config.with_prior_preservation else 1
-    seconds = max(total - step, 0) * _seconds_per_step(config.base_model, config.resolution,
-                                                       examples)
-    cost = (f"from {folder.name} to step {total}: {max(total - step, 0)} steps, "
-            f"~{duration(seconds)} on {device_kind()}")
+    left = max(total - step, 0)
+    time_needed = estimates.training_time(ctx.workspace.root, config.base_model, _setup(config),
+                                          left)
+    cost = (f"from {start} to step {total}: {left} steps, "
+            f"{time_needed.words(estimates.device_name())}")
     return cost + _discarded(run_dir, step)
 
 
@@ -268,21 +277,6 @@ def _discarded(run_dir: Path, step: int) -> str:
     if (run_dir / FINAL_DIR).is_dir() or (run_dir / LORA_DIR).is_dir():
         lost.append("the final model")
     return f"; replaces {' and '.join(lost)}" if lost else ""
-
-
-def _seconds_per_step(base_model: str, resolution: int, examples: int) -> float:
-    reference, per_example = _SECONDS_PER_EXAMPLE[(device_kind(), _model_size(base_model))]
-    return per_example * examples * ((resolution / reference) ** 2) ** 0.8
-
-
-def _model_size(base_model: str) -> str:
-    """'tiny' for a small local test model (UNet weights under 50 MB), else 'sd'."""
-    unet = Path(base_model).expanduser() / "unet"
-    if unet.is_dir():
-        weights = sum(f.stat().st_size for f in unet.glob("*.safetensors")) or sum(
-            f.stat().st_size for f in unet.glob("*.bin"))
-        return "tiny" if 0 < weights < 50e6 else "sd"
-    return "sd"
 
 
 train.estimate = _estimate_train
