@@ -48,11 +48,24 @@ class Decision:
 
 
 def cost_line(tool, ctx, arguments: dict) -> str | None:
-    """The tool's own estimate of what the call costs, or None; never fails the approval."""
-    if tool.estimate is None:
+    """The tool's own estimate of what the call costs (time, and GPU memory where it plans
+    it), or None; never fails the approval."""
+    parts = [_courtesy(tool.estimate, ctx, arguments)]
+    plan = memory_plan(tool, ctx, arguments)
+    parts.append(plan.words() if plan else None)
+    return "; ".join(p for p in parts if p) or None
+
+
+def memory_plan(tool, ctx, arguments: dict):
+    """The tool's memory plan (booth.tools.memory.Plan) for this call, or None."""
+    return _courtesy(tool.memory_plan, ctx, arguments)
+
+
+def _courtesy(estimate, ctx, arguments: dict):
+    if estimate is None:
         return None
     try:
-        return tool.estimate(ctx, arguments)
+        return estimate(ctx, arguments)
     except Exception:  # an estimate is a courtesy: a bug in one must not block the call
         return None
 
@@ -72,6 +85,11 @@ class AutoApprove:
 
     def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
         show_call(self.ui, tool, arguments, cost_line(tool, ctx, arguments))
+        plan = memory_plan(tool, ctx, arguments)
+        if plan is not None and not plan.fits:  # nobody to decide: do not start what must fail
+            reason = f"not run: it {plan.words()}; call it again with those settings"
+            self.ui.refused(tool.name, reason)
+            return Decision("refuse", arguments, reason=reason)
         self.ui.info("approved automatically (--yes)")
         return Decision("run", arguments, reason="--yes")
 
@@ -106,6 +124,10 @@ class AskUser:
     def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
         cost = cost_line(tool, ctx, arguments)
         show_call(self.ui, tool, arguments, cost)
+        plan = memory_plan(tool, ctx, arguments)
+        if plan is not None and not plan.fits:
+            self.ui.notice("This will probably run out of GPU memory (see the cost line); "
+                           "you may edit the arguments (e) or run it anyway.")
         if tool.name in self.always:
             self.ui.info(f"approved: you chose to always run {tool.name} in this session")
             return Decision("run", arguments, reason="always (chosen earlier in this session)")

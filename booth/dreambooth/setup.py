@@ -233,3 +233,18 @@ def tracker_config(config: TrainConfig) -> dict:
     # TensorBoard's hparams take scalars and strings only.
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
             for k, v in config.to_dict().items() if v is not None}
+
+
+def reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> float | None:
+    """The most the card held since reset_peak_memory (None without CUDA): memory plans
+    learn from it."""
+    import torch
+
+    return float(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None

@@ -52,7 +52,9 @@ from booth.dreambooth.setup import (
     is_main_process,
     make_accelerator,
     make_optimizer,
+    peak_memory,
     process_console,
+    reset_peak_memory,
     resolve_for_device,
     stop_everywhere,
     tracker_config,
@@ -78,6 +80,7 @@ class TrainResult:
     # loop that ran them (the rest is loading, caching and export).
     steps_run: int = 0
     loop_seconds: float = 0.0
+    peak_memory: float | None = None  # bytes the GPU held at most (None without CUDA)
 
 
 def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] = lambda: False
@@ -188,6 +191,7 @@ class _Training:
 def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, should_stop,
          on_loaded: Callable[[], None] = lambda: None, resuming: bool = False) -> TrainResult:
     started = time.monotonic()
+    reset_peak_memory()
     t = _prepare(config, run_dir, console)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "elapsed": 0.0}
     if checkpoint is not None:
@@ -215,8 +219,9 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, s
         run_dir=run_dir, status=status, steps_done=state["step"], final_loss=loss,
         checkpoints=[path for _, path in list_checkpoints(run_dir)], final_model=final_model,
         seconds=time.monotonic() - started, steps_run=state["step"] - first_step,
-        loop_seconds=loop_seconds,
+        loop_seconds=loop_seconds, peak_memory=peak_memory(),
     )
+
 
 
 def _prepare(config: TrainConfig, run_dir: Path, console) -> _Training:

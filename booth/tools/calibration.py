@@ -54,13 +54,16 @@ class Estimate:
 
 
 def record(workspace_root: Path, setup: Setup, units: float, unit_seconds: float,
-           fixed_seconds: float) -> None:
-    """Store what one run measured (`unit_seconds` per unit over `units` units); the entry of
-    the same setup is replaced. Never fails the tool: a read-only workspace keeps no entry."""
+           fixed_seconds: float, peak_memory: float | None = None) -> None:
+    """Store what one run measured (`unit_seconds` per unit over `units` units, and the GPU's
+    peak bytes when there was one); the entry of the same setup is replaced. Never fails the
+    tool: a workspace where the file cannot be written keeps no entry."""
     if units <= 0 or unit_seconds <= 0:
         return
     entry = {**asdict(setup), "per_unit": unit_seconds / units, "fixed": max(fixed_seconds, 0),
              "units": units, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if peak_memory:
+        entry["peak_memory"] = peak_memory
     entries = [e for e in _read(workspace_root) if _setup(e) != setup]
     path = Path(workspace_root) / FILE
     tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
@@ -85,6 +88,14 @@ def estimate(workspace_root: Path, setup: Setup, units: float, guess_per_unit: f
     scale = ((setup.resolution / measured.resolution) ** 2) ** PIXEL_EXPONENT
     scale *= setup.examples / measured.examples
     return Estimate(entry["fixed"] + units * entry["per_unit"] * scale, "measured")
+
+
+def measured_peak(workspace_root: Path, setup: Setup) -> float | None:
+    """The GPU peak a run of exactly this setup reached here, if one was measured."""
+    for entry in _read(workspace_root):
+        if _setup(entry) == setup and isinstance(entry.get("peak_memory"), (int, float)):
+            return float(entry["peak_memory"])
+    return None
 
 
 def _distance(measured: Setup, wanted: Setup) -> tuple:

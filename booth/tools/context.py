@@ -45,6 +45,15 @@ def terminate_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _free_gpu_memory() -> float | None:
+    """Bytes free on the CUDA card the tools use, or None without one (imports torch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.mem_get_info()[0])
+
+
 def _load_inference_pipeline(base_model: str):
     from booth.dreambooth.loading import load_inference_pipeline
 
@@ -65,6 +74,9 @@ class ToolContext:
     # base model -> a pipeline to generate images with (class images, samples of the base
     # model). A test passes a counting or pre-built one here.
     load_pipeline: Callable[[str], Any] = _load_inference_pipeline
+    # Bytes free on the GPU now (None: no GPU): what memory plans compare with. The one
+    # place a stand-in for CUDA is right, in tests on machines without a GPU.
+    free_gpu_memory: Callable[[], float | None] = _free_gpu_memory
 
     @classmethod
     def from_options(cls, workspace: str | None = None, base_model: str | None = None,

@@ -89,7 +89,7 @@ def training_time(workspace_root: Path, base_model: str, setup: Setup, steps: in
 def record_training(workspace_root: Path, setup: Setup, result) -> None:
     """File what a finished (or stopped) run measured: its loop, and the rest as fixed."""
     record(workspace_root, setup, result.steps_run, result.loop_seconds,
-           result.seconds - result.loop_seconds)
+           result.seconds - result.loop_seconds, result.peak_memory)
 
 
 # --- generation (class images, samples) ------------------------------------------------------

@@ -60,6 +60,9 @@ class Tool:
     estimate: Callable[[Any, dict[str, Any]], str | None] | None = None
     # Optional: validated arguments -> what to do when the GPU ran out of memory.
     out_of_memory: Callable[[dict[str, Any]], str] | None = None
+    # Optional: (ctx, validated arguments) -> a memory plan (booth.tools.memory.Plan) to show
+    # before approving; None where there is no GPU to plan for.
+    memory_plan: Callable[[Any, dict[str, Any]], Any] | None = None
 
     def openai_spec(self) -> dict[str, Any]:
         """The entry of the `tools` list of a chat-completions request."""

@@ -225,16 +225,40 @@ def _setup(config: TrainConfig):
                                  config.use_lora)
 
 
-def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:
+def _planned_config(ctx: ToolContext, args: dict[str, Any]) -> TrainConfig:
+    """The config a train call would run with, as far as the plan needs it."""
     try:
         manifest = json.loads((ctx.workspace.dataset_dir(args["dataset"]) / "manifest.json")
                               .read_text(encoding="utf-8"))
     except (OSError, ValueError, ToolError):
         manifest = {}
     settings = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{**settings, "base_model": args.get("base_model") or ctx.base_model,
-                            "resolution": args.get("resolution")
-                            or int(manifest.get("resolution") or 512)})
+    return TrainConfig(**{**settings, "base_model": args.get("base_model") or ctx.base_model,
+                          "resolution": args.get("resolution")
+                          or int(manifest.get("resolution") or 512)})
+
+
+def _memory_plan(ctx: ToolContext, config: TrainConfig):
+    """Will it fit on the card? None without a GPU (see booth.tools.memory)."""
+    free = ctx.free_gpu_memory()
+    if free is None:
+        return None
+    from booth.tools import memory
+    from booth.tools.calibration import measured_peak
+
+    knobs = memory.Knobs(
+        resolution=config.resolution,
+        examples=config.train_batch_size * (2 if config.with_prior_preservation else 1),
+        mixed_precision=config.mixed_precision,
+        gradient_checkpointing=config.gradient_checkpointing,
+        use_8bit_adam=config.use_8bit_adam, train_text_encoder=config.train_text_encoder,
+        use_lora=config.use_lora, lora_rank=config.lora_rank)
+    return memory.plan(memory.parameter_counts(config.base_model), knobs, free,
+                       measured_peak(ctx.workspace.root, _setup(config)))
+
+
+def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:
+    config = _planned_config(ctx, args)
     time_needed = estimates.training_time(ctx.workspace.root, config.base_model,
                                           _setup(config), config.max_train_steps)
     what = "with prior preservation" if config.with_prior_preservation else \
@@ -264,6 +288,12 @@ def _estimate_resume(ctx: ToolContext, args: dict[str, Any]) -> str | None:
     return cost + _discarded(run_dir, step)
 
 
+def load_config_of(run_dir: Path) -> TrainConfig:
+    from booth.dreambooth.config import load_config
+
+    return load_config(run_dir / "run.yaml")
+
+
 def _discarded(run_dir: Path, step: int) -> str:
     """What resuming from `step` replaces: the user should know before approving."""
     from booth.dreambooth.checkpoints import list_checkpoints
@@ -281,5 +311,8 @@ def _discarded(run_dir: Path, step: int) -> str:
 
 train.estimate = _estimate_train
 resume_checkpoint.estimate = _estimate_resume
+train.memory_plan = lambda ctx, args: _memory_plan(ctx, _planned_config(ctx, args))
+resume_checkpoint.memory_plan = lambda ctx, args: _memory_plan(
+    ctx, load_config_of(ctx.workspace.existing_run(args["run"])))
 train.out_of_memory = lambda args: _out_of_memory(args.get("run_name") or "<the run>")
 resume_checkpoint.out_of_memory = lambda args: _out_of_memory(args["run"])
