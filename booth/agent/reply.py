@@ -71,6 +71,8 @@ def _content(value: Any) -> str:
 def _error_of(data: dict) -> str | None:
     """The server's own words when `data` is an error object, else None."""
     error = data.get("error")
+    if not error and data.get("object") == "error":  # an older vLLM's error, not wrapped
+        error = data
     if not error:
         return None
     if isinstance(error, dict):
