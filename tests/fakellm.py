@@ -132,7 +132,7 @@ class FakeLLM:
     `models`: the model names served; a request for another gets vLLM's 404 without using a
     step. None (default) accepts any name. `served`: the model name its answers report
     (default: the one asked for). `info`: JSON bodies for GET paths at the server's root
-    ("/version"); every GET path asked is kept in `gets`.
+    ("/version"), or `hang(...)`; every GET path asked is kept in `gets`.
     """
 
     def __init__(self, script: list[dict], model: str = MODEL, models: list[str] | None = None,
@@ -196,8 +196,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.llm.gets.append(self.path)
+        answer = self.llm.info.get(self.path)
+        if isinstance(answer, dict) and answer.get("kind") == "hang":  # a `hang(...)` step
+            self.llm.stopping.wait(answer["seconds"])
+            self.close_connection = True
+            return None
         if self.path in self.llm.info:
-            return self._json(200, self.llm.info[self.path])
+            return self._json(200, answer)
         if self.path.rstrip("/") != "/v1/models":
             return self._json(404, _error_body(404, f"no route {self.path}"))
         names = self.llm.models or [self.llm.model]

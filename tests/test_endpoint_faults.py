@@ -361,3 +361,12 @@ def test_a_hidden_console_masks_what_tools_and_approvals_print(tmp_path):
     assert RAN == [{"text": f"my key is {KEY}"}]  # the tool gets the real value
     text = ui.console.file.getvalue()
     assert "my key is ***" in text and KEY not in text
+
+
+def test_an_older_vllms_unwrapped_error_event_is_reported_in_its_words():
+    step = raw('data: {"object": "error", "message": "prompt too long for this model", '
+               '"type": "BadRequestError", "code": 400}\n\ndata: [DONE]\n\n')
+    with FakeLLM([step, step]) as llm:
+        with pytest.raises(EndpointError) as caught:
+            model_for(llm).complete(START, SPECS)
+    assert "reported an error while answering: prompt too long" in str(caught.value)

@@ -5,8 +5,10 @@ Against tests/fakellm.py on loopback with a real Session."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from fakellm import PARSE_ERROR, FakeLLM, broken, call, calls, error, reply, written
+from fakellm import PARSE_ERROR, FakeLLM, broken, call, calls, error, hang, reply, written
 from test_endpoint_faults import NOTE, RAN, SPECS, events, model_for, session_for, shown
 
 from booth.agent.text_calls import Holdback, find_calls
@@ -185,4 +187,37 @@ def test_a_server_that_says_nothing_records_only_its_model(tmp_path):
     with FakeLLM([reply("Hi.")]) as llm:
         session = session_for(llm, tmp_path)
         assert session.send("hi")
+    assert events(tmp_path, "assistant")[0]["server"] == {"model": llm.model}
+
+
+@pytest.mark.parametrize("provider, path, body, kind, version", [
+    ("ollama", "/api/version", {"version": "0.9.6"}, "Ollama", "0.9.6"),
+    ("llamacpp", "/props", {"build_info": "b5880-abc123", "total_slots": 1}, "llama.cpp",
+     "b5880-abc123"),
+])
+def test_ollama_and_llama_server_are_asked_at_their_own_paths(tmp_path, provider, path, body,
+                                                             kind, version):
+    with FakeLLM([written([NOTE], "bare"), reply("Done.")], info={path: body}) as llm:
+        session = session_for(llm, tmp_path, provider=provider)
+        assert session.send("note")
+    assert llm.gets == [path] and RAN == [{"text": "x"}]
+    server = events(tmp_path, "assistant")[0]["server"]
+    assert server == {"model": llm.model, "kind": kind, "version": version}
+    (notice,) = events(tmp_path, "notice")  # the fix for that server, not the others'
+    fix = {"ollama": "ollama#11155", "llamacpp": "--jinja"}[provider]
+    assert fix in notice["text"] and "--tool-call-parser" not in notice["text"]
+
+
+@pytest.mark.parametrize("answer", [hang(3.0), "not an object", {"version": None}])
+def test_a_version_path_that_hangs_or_says_nonsense_costs_at_most_the_probes_timeout(
+        tmp_path, monkeypatch, answer):
+    from booth.agent import servers
+
+    monkeypatch.setattr(servers, "PROBE_TIMEOUT", 0.3)
+    with FakeLLM([reply("Hi.")], info={"/version": answer}) as llm:
+        session = session_for(llm, tmp_path)
+        started = time.monotonic()
+        assert session.send("hi")
+        took = time.monotonic() - started
+    assert took < 2.0
     assert events(tmp_path, "assistant")[0]["server"] == {"model": llm.model}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,23 +12,6 @@ from booth.agent import reply, servers, text_calls, wire
 from booth.agent.masking import Masker
 from booth.agent.model import AssistantTurn, EndpointError
 from booth.agent.settings import LOCAL_KEY, PRESETS, EndpointSettings, safe_url
-
-# What a server says when its tool-call parser failed on a stream (vllm#20028).
-_PARSE_ERROR = re.compile(r"partial_json_parser|failed to parse|tool.?call.?pars", re.IGNORECASE)
-
-
-class _ToolStreamBroke(reply.BrokenReply):
-    """A stream failed where the server's tool-call streaming does: an error event after the
-    calls began, or a parser error. Whole answers may still work."""
-
-
-def _broke_tool_streaming(err: Exception) -> bool:
-    import openai
-
-    if isinstance(err, _ToolStreamBroke):
-        return True
-    return (isinstance(err, openai.APIStatusError) and err.status_code >= 500
-            and bool(_PARSE_ERROR.search(_server_message(err))))
 
 
 class _Retry(Exception):
@@ -58,6 +40,11 @@ class OpenAIChatModel:
     Tool-call ids are returned as the server sent them: `wire.assistant_message` makes them
     Mistral-valid and unique, and the loop answers each call with the id in that message.
     Every message shown has the known secrets (key, URL password) masked.
+    A server that does not parse Mistral's calls hands them back as text: they are read as
+    calls (`booth.agent.text_calls`), never shown as prose, and the user is told once how to
+    fix the server. A stream that broke where the server's tool-call streaming does (vllm
+    #20028) is asked again whole, and the session streams no more. The first turn says what
+    the server is (`servers.identify`).
     """
 
     def __init__(self, settings: EndpointSettings, sleep: Callable[[float], None] = time.sleep):
@@ -206,7 +193,7 @@ class OpenAIChatModel:
                     screen.feed(held.feed(piece))
                 turn, form = text_calls.read_calls(reader.turn(), names)
             except reply.BrokenReply as err:
-                if reader.error and (reader.slots or _PARSE_ERROR.search(reader.error)):
+                if reader.error and (reader.slots or servers.names_parser_error(reader.error)):
                     raise _ToolStreamBroke(reader.error) from None
                 if reader.events:
                     raise
@@ -291,6 +278,20 @@ def _begun_by(chunks: Iterator[bytes], reader: reply.StreamReader,
         if not reader.begun and time.monotonic() > deadline:
             raise reply.BrokenReply("sent nothing but keep-alives")
         yield chunk
+
+
+class _ToolStreamBroke(reply.BrokenReply):
+    """A stream failed where the server's tool-call streaming does: an error event after the
+    calls began, or a parser error. Whole answers may still work."""
+
+
+def _broke_tool_streaming(err: Exception) -> bool:
+    import openai
+
+    if isinstance(err, _ToolStreamBroke):
+        return True
+    return (isinstance(err, openai.APIStatusError) and err.status_code >= 500
+            and servers.names_parser_error(_server_message(err)))
 
 
 def _tries(count: int) -> str:

@@ -9,6 +9,7 @@ One short GET, to the path of the provider booth was told it talks to; any failu
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 from booth.agent.settings import safe_url
@@ -18,6 +19,15 @@ PROBE_TIMEOUT = 1.5  # seconds: it is only for the record
 _VERSION_AT = {"vllm": ("/version", "version"), "ollama": ("/api/version", "version"),
                "llamacpp": ("/props", "build_info")}
 _KIND = {"vllm": "vLLM", "ollama": "Ollama", "llamacpp": "llama.cpp"}
+
+# What a server says when its tool-call parser failed on a stream (vllm#20028).
+_PARSER_ERROR = re.compile(r"partial_json_parser|failed to parse|tool.?call.?pars", re.IGNORECASE)
+
+
+def names_parser_error(message: str) -> bool:
+    """Whether a server's error message blames its (tool-call) parser."""
+    return bool(_PARSER_ERROR.search(message))
+
 
 TEXT_CALL_FIXES = {
     "vllm": "start vLLM with --tool-call-parser mistral --enable-auto-tool-choice",
