@@ -221,3 +221,14 @@ def test_a_version_path_that_hangs_or_says_nonsense_costs_at_most_the_probes_tim
         took = time.monotonic() - started
     assert took < 2.0
     assert events(tmp_path, "assistant")[0]["server"] == {"model": llm.model}
+
+
+def test_a_notice_on_a_final_answer_is_no_early_end_for_a_replay(tmp_path):
+    from booth.agent.replay import user_turns
+    from booth.agent.transcript import read_transcript
+
+    with FakeLLM([error(500, PARSE_ERROR), reply("All done.")]) as llm:
+        session = session_for(llm, tmp_path, max_retries=0)
+        assert session.send("hi")
+    (turn,) = user_turns(read_transcript(tmp_path / "t.jsonl")[1])
+    assert turn.ended is None and [t.content for t in turn.turns] == ["All done."]

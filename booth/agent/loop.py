@@ -202,11 +202,11 @@ class Session:
         sent = wire.assistant_message(turn, self._used_ids())
         raw_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                      for c in turn.tool_calls]
+        for notice in notices:  # recorded before the turn: a notice after a user turn's
+            self.ui.notice(notice)  # last answer is what a replay reads as why it ended
+            self._record("notice", text=notice)
         self._add("assistant", sent, content=turn.content, tool_calls=raw_calls,
                   finish_reason=turn.finish_reason, raw_content=raw_text, server=server)
-        for notice in notices:
-            self.ui.notice(notice)
-            self._record("notice", text=notice)
         return turn, sent
 
     def _used_ids(self) -> set[str]:
