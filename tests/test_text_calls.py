@@ -116,6 +116,8 @@ def test_find_calls_reads_each_form():
     bare = find_calls(' note {"text": "a"}\n train{"steps": 5} ', NAMES)
     assert [(c.name, c.arguments) for c in bare.calls] == [("note", '{"text": "a"}'),
                                                            ("train", '{"steps": 5}')]
+    one = find_calls('[TOOL_CALLS]{"name": "note", "arguments": {"text": "a"}}', NAMES)
+    assert [(c.name, c.arguments) for c in one.calls] == [("note", '{"text": "a"}')]
     assert find_calls('note{"text": "a"} and more', NAMES) is None
     assert find_calls('[{"name": "note", "arguments": {}}]', NAMES, bare=False) is None
 

@@ -88,7 +88,7 @@ def _marked(text: str) -> list[ToolCall]:
     calls = []
     for part in text.split(MARKER)[1:]:
         part = part.strip().removesuffix(_EOS).strip()
-        if part.startswith("["):
+        if part.startswith(("[", "{")):  # a list of calls (or one call) in JSON
             calls.extend(_listed(part))
         elif part:
             calls.append(_v11(part))
