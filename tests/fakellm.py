@@ -132,7 +132,8 @@ class FakeLLM:
     `models`: the model names served; a request for another gets vLLM's 404 without using a
     step. None (default) accepts any name. `served`: the model name its answers report
     (default: the one asked for). `info`: JSON bodies for GET paths at the server's root
-    ("/version"), or `hang(...)`; every GET path asked is kept in `gets`.
+    ("/version"), or `hang(...)`; every GET path asked is kept in `gets`, its headers in
+    `get_headers`.
     """
 
     def __init__(self, script: list[dict], model: str = MODEL, models: list[str] | None = None,
@@ -142,6 +143,7 @@ class FakeLLM:
         self.models = models
         self.served, self.info = served, dict(info or {})
         self.gets: list[str] = []
+        self.get_headers: list[dict[str, str]] = []
         self.requests: list[dict] = []
         self.headers: list[dict[str, str]] = []
         self.stopping = threading.Event()
@@ -196,6 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.llm.gets.append(self.path)
+        self.llm.get_headers.append({k.lower(): v for k, v in self.headers.items()})
         answer = self.llm.info.get(self.path)
         if isinstance(answer, dict) and answer.get("kind") == "hang":  # a `hang(...)` step
             self.llm.stopping.wait(answer["seconds"])
