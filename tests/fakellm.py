@@ -17,7 +17,10 @@ script runs out, the server answers 500 with a body saying so, so a test fails l
 
 For hostile tests a step can also be broken on purpose: `raw(...)` sends any bytes,
 `message(...)` any assistant message object (a null `function`, `tool_calls` as a string),
-and `broken(step, how)` streams a reply that stops early or ends in an error event.
+and `broken(step, how)` streams a reply that stops early or ends in an error event (or in
+vLLM's tool-parser error, "parse_error"). `written(calls, form)` is a reply whose calls come
+back as text, as from a server that does not parse them. GET /version, /api/version and
+/props answer what `info` gives (else 404), so booth can ask what the server is.
 """
 
 from __future__ import annotations
@@ -89,14 +92,36 @@ def message(payload: Any, finish_reason: str | None = "tool_calls") -> dict:
     return {"kind": "message", "message": payload, "finish_reason": finish_reason}
 
 
-BROKEN = ("cut", "no_finish", "no_done", "error_event", "empty_choices")
+def written(tool_calls: list[dict], form: str = "v11", text: str = "") -> dict:
+    """A step whose calls (`call(...)` steps or {name, arguments} dicts) come back as text in
+    `content`, after `text`: "v11" `[TOOL_CALLS]name[ARGS]{...}` one after the other,
+    "marker_list" `[TOOL_CALLS][{"name":..., "arguments":...}]`, "list" the bare JSON list,
+    "bare" `name{...}` (special tokens stripped)."""
+    flat: list[dict] = []
+    for item in tool_calls:
+        flat.extend(item["tool_calls"] if item.get("kind") == "reply" else [item])
+    def args(c):
+        return c["arguments"] if isinstance(c["arguments"], str) else json.dumps(c["arguments"])
+    listed = json.dumps([{"name": c["name"], "arguments": json.loads(args(c))} for c in flat])
+    body = {"v11": "".join(f"[TOOL_CALLS]{c['name']}[ARGS]{args(c)}" for c in flat),
+            "marker_list": "[TOOL_CALLS]" + listed, "list": listed,
+            "bare": "".join(f"{c['name']}{args(c)}" for c in flat)}[form]
+    return reply(text + body, "tool_calls" if form != "bare" else "stop")
+
+
+BROKEN = ("cut", "no_finish", "no_done", "error_event", "empty_choices", "parse_error")
+# What vLLM's Mistral tool parser said when it broke on a stream (vllm#20028).
+PARSE_ERROR = ("Error trying to handle streaming tool call: partial_json_parser.core.exceptions"
+               ".MalformedJSON: Malformed node or string on line 1")
 
 
 def broken(step: dict, how: str) -> dict:
     """A streamed reply `step` broken `how`: "cut" (connection closed before the finish chunk
     and [DONE]), "no_finish" ([DONE] but no finish_reason), "no_done" (finish_reason but no
     [DONE], which is fine), "error_event" (an error event after the deltas),
-    "empty_choices" (every chunk with `choices: []`)."""
+    "empty_choices" (every chunk with `choices: []`), "parse_error" (after the deltas, an
+    error event with code 500 naming partial_json_parser, then [DONE], as vLLM sends it).
+    Served whole (not streamed), the step is the reply unbroken."""
     assert how in BROKEN, how
     return {**step, "broken": how}
 
@@ -105,13 +130,20 @@ class FakeLLM:
     """Context manager running the scripted server on 127.0.0.1 (a free port) in a thread.
 
     `models`: the model names served; a request for another gets vLLM's 404 without using a
-    step. None (default) accepts any name.
+    step. None (default) accepts any name. `served`: the model name its answers report
+    (default: the one asked for). `info`: JSON bodies for GET paths at the server's root
+    ("/version"), or `hang(...)`; every GET path asked is kept in `gets`, its headers in
+    `get_headers`.
     """
 
-    def __init__(self, script: list[dict], model: str = MODEL, models: list[str] | None = None):
+    def __init__(self, script: list[dict], model: str = MODEL, models: list[str] | None = None,
+                 served: str | None = None, info: dict[str, dict] | None = None):
         self.script = list(script)
         self.model = model
         self.models = models
+        self.served, self.info = served, dict(info or {})
+        self.gets: list[str] = []
+        self.get_headers: list[dict[str, str]] = []
         self.requests: list[dict] = []
         self.headers: list[dict[str, str]] = []
         self.stopping = threading.Event()
@@ -165,6 +197,15 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.llm.gets.append(self.path)
+        self.llm.get_headers.append({k.lower(): v for k, v in self.headers.items()})
+        answer = self.llm.info.get(self.path)
+        if isinstance(answer, dict) and answer.get("kind") == "hang":  # a `hang(...)` step
+            self.llm.stopping.wait(answer["seconds"])
+            self.close_connection = True
+            return None
+        if self.path in self.llm.info:
+            return self._json(200, answer)
         if self.path.rstrip("/") != "/v1/models":
             return self._json(404, _error_body(404, f"no route {self.path}"))
         names = self.llm.models or [self.llm.model]
@@ -189,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._raw(step)
         if step["kind"] == "trickle":
             return self._trickle(step)
-        model = body.get("model", self.llm.model)
+        model = self.llm.served or body.get("model", self.llm.model)
         if step["kind"] == "message":
             return self._message(step, model, bool(body.get("stream")))
         if body.get("stream"):
@@ -241,10 +282,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, step: dict, model: str) -> None:
         how = step.get("broken")
         events = list(_chunks(step, model))
-        if how in ("cut", "no_finish", "error_event"):
+        if how in ("cut", "no_finish", "error_event", "parse_error"):
             events = events[:-1]  # the finish chunk
         if how == "error_event":
             events.append({"error": {"message": "CUDA out of memory", "code": 500}})
+        if how == "parse_error":
+            events.append({"error": {**_error_body(500, PARSE_ERROR)}})
         if how == "empty_choices":
             events = [{**e, "choices": []} for e in events]
         self._events(events, done=how not in ("cut", "no_done", "error_event"))

@@ -86,7 +86,7 @@ BROKEN_REPLIES = {
     "cut before finishing": broken(reply("I will start"), "cut"),
     "[DONE] without finish_reason": broken(reply("Half"), "no_finish"),
     "empty choices": broken(reply("Hello there"), "empty_choices"),
-    "error event after tool deltas": broken(NOTE, "error_event"),
+    "error event before any tool delta": broken(reply("I will note"), "error_event"),
     "tool call cut off": broken(NOTE, "cut"),
     "empty answer": reply(""),
 }
@@ -129,7 +129,9 @@ def test_a_stream_with_finish_reason_but_no_done_is_a_whole_answer():
 
 
 def test_a_call_from_an_unfinished_stream_never_runs_and_the_chat_goes_on(tmp_path):
-    script = [broken(NOTE, "cut"), broken(NOTE, "error_event"), reply("Sorry, go on?")]
+    # (an error event after tool deltas is asked again unstreamed: test_text_calls.py)
+    script = [broken(NOTE, "cut"), broken(reply("I will"), "error_event"),
+              reply("Sorry, go on?")]
     with FakeLLM(script) as llm:
         session = session_for(llm, tmp_path)
         assert session.send("note x") is False
@@ -359,3 +361,12 @@ def test_a_hidden_console_masks_what_tools_and_approvals_print(tmp_path):
     assert RAN == [{"text": f"my key is {KEY}"}]  # the tool gets the real value
     text = ui.console.file.getvalue()
     assert "my key is ***" in text and KEY not in text
+
+
+def test_an_older_vllms_unwrapped_error_event_is_reported_in_its_words():
+    step = raw('data: {"object": "error", "message": "prompt too long for this model", '
+               '"type": "BadRequestError", "code": 400}\n\ndata: [DONE]\n\n')
+    with FakeLLM([step, step]) as llm:
+        with pytest.raises(EndpointError) as caught:
+            model_for(llm).complete(START, SPECS)
+    assert "reported an error while answering: prompt too long" in str(caught.value)

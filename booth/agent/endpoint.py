@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from booth.agent import reply, wire
+from booth.agent import reply, servers, text_calls, wire
 from booth.agent.masking import Masker
 from booth.agent.model import AssistantTurn, EndpointError
 from booth.agent.settings import LOCAL_KEY, PRESETS, EndpointSettings, safe_url
@@ -40,6 +40,11 @@ class OpenAIChatModel:
     Tool-call ids are returned as the server sent them: `wire.assistant_message` makes them
     Mistral-valid and unique, and the loop answers each call with the id in that message.
     Every message shown has the known secrets (key, URL password) masked.
+    A server that does not parse Mistral's calls hands them back as text: they are read as
+    calls (`booth.agent.text_calls`), never shown as prose, and the user is told once how to
+    fix the server. A stream that broke where the server's tool-call streaming does (vllm
+    #20028) is asked again whole, and the session streams no more. The first turn says what
+    the server is (`servers.identify`).
     """
 
     def __init__(self, settings: EndpointSettings, sleep: Callable[[float], None] = time.sleep):
@@ -47,6 +52,11 @@ class OpenAIChatModel:
         self._sleep = sleep
         self._client = None
         self._mask = Masker(settings.secrets())
+        self.streaming = settings.stream  # off for good once the server's tool streaming broke
+        self._identified = False  # the server is asked what it is once, after its first answer
+        self._server_kind: str | None = None  # a provider name, when the server said
+        self._told_text_calls = False
+        self._notices: list[str] = []  # for the next turn returned
 
     def client(self):
         if self._client is None:
@@ -69,7 +79,9 @@ class OpenAIChatModel:
         on_status: Callable[..., None] | None = None,
     ) -> AssistantTurn:
         """One assistant turn; text chunks go to `on_text` as they stream in (the whole
-        text at once when not streaming); what booth waits for goes to `on_status`."""
+        text at once when not streaming); what booth waits for goes to `on_status`.
+        Calls the server wrote as text are read as calls (`booth.agent.text_calls`), and
+        never shown as text."""
         try:
             wire.check_request(messages, tools, self.settings.model)
         except wire.WireError as err:
@@ -77,31 +89,39 @@ class OpenAIChatModel:
         request = {"model": self.settings.model, "messages": messages, **self.settings.sampling()}
         if tools:
             request["tools"] = tools
-        status = on_status or _ignore
+        status, show = on_status or _ignore, on_text or _ignore
         waiting = Waiting(status, self._mask, f"waiting for the model at {self._url}",
                           self.settings.first_token_timeout)
+        screen = _Screen(lambda text: self._show(show, text, final=False))
         try:
-            return self._with_retries(request, on_text or _ignore, status, waiting)
+            turn, form = self._with_retries(request, screen, text_calls.tool_names(tools),
+                                            status, waiting)
         finally:
             waiting.stop()
             status(None)
+            self._show(show, "")  # whatever ends the turn, text held by the masker is shown
+        return self._annotated(turn, form)
 
     @property
     def _url(self) -> str:
         return safe_url(self.settings.base_url)
 
-    def _with_retries(self, request: dict, on_text: Callable[[str], None],
-                      on_status: Callable[..., None], waiting: Waiting) -> AssistantTurn:
+    def _with_retries(self, request: dict, screen: _Screen, names: set[str],
+                      on_status: Callable[..., None], waiting: Waiting
+                      ) -> tuple[AssistantTurn, str | None]:
         settings = self.settings
         tries = settings.max_retries + 1
         deadline = time.monotonic() + settings.first_token_timeout
-        for attempt in range(1, tries + 1):
-            left = deadline - time.monotonic()
-            if left <= 0:
+        attempt = 1
+        while True:
+            if deadline - time.monotonic() <= 0:
                 raise EndpointError(self._mask(self._gave_up(attempt - 1)))
             try:
-                return self._send(request, on_text, waiting, deadline)
+                return self._send(request, screen, names, waiting, deadline)
             except Exception as err:
+                if self.streaming and _broke_tool_streaming(err):
+                    self._stop_streaming(err, waiting)  # the same request again, not streamed
+                    continue
                 failure = _classify(err, settings)
                 if failure is None:
                     raise  # not an endpoint failure: a bug, keep its traceback
@@ -116,49 +136,103 @@ class OpenAIChatModel:
                 on_status(self._mask(f"{failure.short}, retrying in {wait:.0f} s, "
                                      f"{attempt}/{settings.max_retries}"), lasting=True)
                 waiting.start()
+                screen.forget()  # after the retry line, the answer is shown from its start
                 self._sleep(wait)
-        raise AssertionError("unreachable")
+                attempt += 1
+
+    def _stop_streaming(self, err: Exception, waiting: Waiting) -> None:
+        """vllm#20028: the server's streamed tool calls broke, its whole answers work. The
+        broken stream's calls are dropped; the user reads why with the turn."""
+        self.streaming = False
+        why = err.args[0] if isinstance(err, _ToolStreamBroke) else _server_message(err)
+        self._notices.append(self._mask(servers.STREAM_FALLBACK_NOTICE.format(
+            why=_short(str(why), 200))))
+        waiting.what = f"waiting for the whole answer (not streaming) at {self._url}"
+
+    def _annotated(self, turn: AssistantTurn, form: str | None) -> AssistantTurn:
+        """The turn with what booth learned of the server: who it is (first turn only) and
+        the notices due (each said once a session)."""
+        if not self._identified:
+            self._identified = True
+            found = servers.identify(self.settings.base_url, self.settings.provider)
+            self._server_kind = found.pop("provider", None)
+            server = {"model": turn.served_model, **found}
+            turn.server = {k: v for k, v in server.items() if v is not None} or None
+        if form and not self._told_text_calls:
+            self._told_text_calls = True
+            self._notices.append(servers.text_calls_notice(form, self._server_kind))
+        turn.notices, self._notices = self._notices, []
+        return turn
 
     def _gave_up(self, tries: int) -> str:
         return (f"{self._url} did not begin answering within "
                 f"{self.settings.first_token_timeout:g} s ({_tries(tries)}; the model may "
                 "still be loading or be overloaded; --first-token-timeout waits longer)")
 
-    def _send(self, request: dict, on_text: Callable[[str], None], waiting: Waiting,
-              deadline: float) -> AssistantTurn:
+    def _send(self, request: dict, screen: _Screen, names: set[str], waiting: Waiting,
+              deadline: float) -> tuple[AssistantTurn, str | None]:
         import openai
 
         read = min(self.settings.timeout, deadline - time.monotonic())
         timeout = openai.Timeout(read, connect=self.settings.connect_timeout)
         create = self.client().chat.completions.with_streaming_response.create
         waiting.start()
-        if not self.settings.stream:
+        screen.new_try()
+        if not self.streaming:
             with create(**request, timeout=timeout) as response:
-                turn = reply.turn_from_body(response.read())
+                turn, form = text_calls.read_calls(reply.turn_from_body(response.read()), names)
             waiting.stop()
-            self._show(on_text, turn.content)
-            return turn
+            screen.feed(turn.content)
+            return turn, form
         # Closing the response (also on Ctrl-C) tells vLLM to stop generating.
         with create(**request, stream=True, timeout=timeout) as response:
-            reader = reply.StreamReader()
+            reader, held = reply.StreamReader(), text_calls.Holdback(names)
             try:
                 for piece in reader.read(_begun_by(response.iter_bytes(), reader, deadline)):
                     waiting.stop()
-                    self._show(on_text, piece, final=False)
-                return reader.turn()
+                    screen.feed(held.feed(piece))
+                turn, form = text_calls.read_calls(reader.turn(), names)
             except reply.BrokenReply as err:
+                if reader.error and (reader.slots or servers.names_parser_error(reader.error)):
+                    raise _ToolStreamBroke(reader.error) from None
                 if reader.events:
                     raise
                 kind = response.headers.get("content-type") or "no Content-Type"
                 raise reply.BrokenReply(f"{err} (it sent {kind})") from None
-            finally:  # whatever ends the stream, text held back by the masker is shown
-                self._show(on_text, "")
+        if form is None:  # text held back as a possible call was prose after all
+            screen.feed(held.rest())
+        return turn, form
 
     def _show(self, on_text: Callable[[str], None], text: str, final: bool = True) -> None:
         """Text to the user with secrets masked (a secret split over chunks included)."""
         shown = self._mask.feed(text) + (self._mask.flush() if final else "")
         if shown:
             on_text(shown)
+
+
+class _Screen:
+    """This turn's text as the user has seen it, over all tries: a later try shows only what
+    goes past what an earlier one showed (when it begins the same way), so a retried or
+    re-asked answer is not printed twice."""
+
+    def __init__(self, show: Callable[[str], None]):
+        self.show, self.seen, self.now = show, "", ""
+
+    def new_try(self) -> None:
+        self.now = ""
+
+    def forget(self) -> None:
+        self.seen = ""
+
+    def feed(self, text: str) -> None:
+        if not text:
+            return
+        self.now += text
+        if self.seen.startswith(self.now):
+            return
+        fresh = self.now[len(self.seen):] if self.now.startswith(self.seen) else "\n" + self.now
+        self.seen = self.now
+        self.show(fresh)
 
 
 class Waiting:
@@ -204,6 +278,20 @@ def _begun_by(chunks: Iterator[bytes], reader: reply.StreamReader,
         if not reader.begun and time.monotonic() > deadline:
             raise reply.BrokenReply("sent nothing but keep-alives")
         yield chunk
+
+
+class _ToolStreamBroke(reply.BrokenReply):
+    """A stream failed where the server's tool-call streaming does: an error event after the
+    calls began, or a parser error. Whole answers may still work."""
+
+
+def _broke_tool_streaming(err: Exception) -> bool:
+    import openai
+
+    if isinstance(err, _ToolStreamBroke):
+        return True
+    return (isinstance(err, openai.APIStatusError) and err.status_code >= 500
+            and servers.names_parser_error(_server_message(err)))
 
 
 def _tries(count: int) -> str:

@@ -195,13 +195,18 @@ class Session:
         turn = self.model.complete(messages, self.tool_specs, on_text=self.ui.text,
                                    on_status=self.ui.status)
         self.ui.end_text()
+        # What the endpoint learned of the server: notices said once, the server's identity.
+        notices, server, raw_text = turn.notices, turn.server, turn.raw_content
         turn = _as_text(turn)
         # The one place call ids are made valid and unique; calls are answered with these.
         sent = wire.assistant_message(turn, self._used_ids())
         raw_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                      for c in turn.tool_calls]
+        for notice in notices:  # recorded before the turn: a notice after a user turn's
+            self.ui.notice(notice)  # last answer is what a replay reads as why it ended
+            self._record("notice", text=notice)
         self._add("assistant", sent, content=turn.content, tool_calls=raw_calls,
-                  finish_reason=turn.finish_reason)
+                  finish_reason=turn.finish_reason, raw_content=raw_text, server=server)
         return turn, sent
 
     def _used_ids(self) -> set[str]:

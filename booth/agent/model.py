@@ -25,6 +25,15 @@ class AssistantTurn:
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str | None = None
+    # What the loop records beside the turn, not part of it (so not compared); a live
+    # endpoint fills them, scripted turns need not:
+    # the server's text, when calls were read out of it
+    raw_content: str | None = field(default=None, compare=False)
+    # about the server, each said once a session: shown and recorded by the loop
+    notices: list[str] = field(default_factory=list, compare=False)
+    # what the server says it is (the first turn of a session only)
+    server: dict | None = field(default=None, compare=False)
+    served_model: str | None = field(default=None, compare=False)  # the response's `model`
 
 
 class EndpointError(Exception):

@@ -71,6 +71,8 @@ def _content(value: Any) -> str:
 def _error_of(data: dict) -> str | None:
     """The server's own words when `data` is an error object, else None."""
     error = data.get("error")
+    if not error and data.get("object") == "error":  # an older vLLM's error, not wrapped
+        error = data
     if not error:
         return None
     if isinstance(error, dict):
@@ -118,8 +120,15 @@ def turn_from_body(data: bytes) -> AssistantTurn:
         for entry in _calls_of(message.get("tool_calls"))
     ]
     finish = choice.get("finish_reason")
-    return _checked(AssistantTurn(_content(message.get("content")), calls,
+    turn = _checked(AssistantTurn(_content(message.get("content")), calls,
                                   finish if isinstance(finish, str) else None))
+    turn.served_model = _model_of(body)
+    return turn
+
+
+def _model_of(data: dict) -> str | None:
+    model = data.get("model")
+    return model[:200] if isinstance(model, str) and model else None
 
 
 def _checked(turn: AssistantTurn) -> AssistantTurn:
@@ -165,6 +174,8 @@ class StreamReader:
         self.slots: dict[int, dict[str, str]] = {}
         self.finish: str | None = None
         self.events = 0
+        self.error: str | None = None  # what an error event in the stream said
+        self.model: str | None = None  # the first `model` field the stream named
 
     def read(self, chunks: Iterable[bytes]) -> Iterator[str]:
         for data in sse_events(chunks):
@@ -175,7 +186,9 @@ class StreamReader:
             if not isinstance(chunk, dict):
                 raise BrokenReply(f"sent a stream event that is not an object: {_snippet(data)}")
             problem = _error_of(chunk)
+            self.model = self.model or _model_of(chunk)
             if problem:
+                self.error = problem
                 raise BrokenReply(f"reported an error while answering: {problem}")
             yield from self._choices(chunk.get("choices"), data)
 
@@ -222,4 +235,6 @@ class StreamReader:
             raise BrokenReply("ended the stream before the model finished (no finish_reason)")
         slots = sorted(self.slots.items())
         calls = [ToolCall(s["id"], s["name"], s["arguments"]) for _, s in slots]
-        return _checked(AssistantTurn("".join(self.text), calls, self.finish))
+        turn = _checked(AssistantTurn("".join(self.text), calls, self.finish))
+        turn.served_model = self.model
+        return turn
