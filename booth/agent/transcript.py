@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -83,13 +84,26 @@ def make_header(
 def default_path(transcripts_dir: Path, goal: str | None, now: datetime | None = None) -> Path:
     """<transcripts>/<yyyymmdd-HHMMSS>-<slug of the goal>.jsonl, never an existing file."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    slug = re.sub(r"[^a-z0-9]+", "-", (goal or "chat").lower()).strip("-")[:40].strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", _latin(goal or "chat").lower()).strip("-")[:40].strip("-")
     path = transcripts_dir / f"{stamp}-{slug or 'chat'}.jsonl"
     counter = 2
     while path.exists():
         path = transcripts_dir / f"{stamp}-{slug or 'chat'}-{counter}.jsonl"
         counter += 1
     return path
+
+
+# Latin letters that NFKD does not take apart into a base letter and a mark.
+_LATIN_LETTERS = str.maketrans({"ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe",
+                                "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d",
+                                "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "TH", "ı": "i"})
+
+
+def _latin(text: str) -> str:
+    """`text` with accented Latin letters as plain ones (é -> e, ß -> ss), so a file name
+    keeps the words; other scripts pass through (the slug then leaves them out)."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_LATIN_LETTERS))
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 class TranscriptWriter:
