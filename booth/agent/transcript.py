@@ -161,8 +161,10 @@ def _drop_torn_tail(path: Path) -> None:
             file.truncate(len(data) - len(tail))
 
 
-def read_transcript(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(header, events) of a transcript, or a TranscriptError naming the bad line."""
+def read_transcript(path: str | os.PathLike,
+                    notices: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """(header, events) of a transcript, or a TranscriptError naming the bad line. What is
+    left out without failing (a last line torn by a crash) is said in `notices`, if given."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -176,6 +178,9 @@ def read_transcript(path: str | os.PathLike) -> tuple[dict, list[dict]]:
         lines.pop()
     elif not _is_json(lines[-1]):
         lines.pop()  # a last line torn by a crash mid-write: every event before it is whole
+        if notices is not None:
+            notices.append(f"{path}: its last line ({len(lines) + 1}) was cut off while it "
+                           "was written (a crash?) and is left out")
     records = [(n, _parse_line(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
     if not records:
         raise TranscriptError(f"{path} is empty: a transcript starts with a header line")
