@@ -222,7 +222,8 @@ def test_a_transcript_cut_mid_turn_ends_with_a_notice_and_exit_0(prepared, tmp_p
     assert result.exit_code == 0, result.output
     assert "1 of 1 tool results match the recording." in text
     assert "error:" not in text and "went differently" not in text
-    assert "The recorded session ended this turn here (the transcript ends here" in text
+    assert ("The recorded session ended this turn here (the transcript ends before the "
+            "model's next answer)") in text
 
 
 # -- D: edits the recording made, a damaged last line ------------------------------------------

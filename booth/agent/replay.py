@@ -13,38 +13,21 @@ call the user stopped with Ctrl-C is stopped again at the recorded step (replay_
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from booth.agent.approval import Decision, show_call
 from booth.agent.model import AssistantTurn, ReplayModel
+from booth.agent.replay_compare import Comparison, compare
 from booth.agent.replay_setup import RecordedStop, ReplayPlaces, recorded_stops
 from booth.agent.transcript import assistant_turns, read_transcript, retracted
 from booth.agent.ui import ChatUI
-from booth.tools import ToolArgumentError
+from booth.tools import ToolArgumentError, ToolError
 
-# Result fields that measure the run rather than describe what it made.
-_VOLATILE_KEY = re.compile(r"second|elapsed|time|speed|per_s|duration|created|date", re.I)
-_TIMESTAMP = re.compile(r"\d{8}-\d{6}|\d{4}-\d\d-\d\dT[\d:.+-]+")
-_FLOAT_TOLERANCE = 1e-6  # relative: a loss printed by another BLAS build may differ in its tail
 # What a replay prints of one text; the transcript keeps it all. rich's wrapping grows faster
 # than linearly with a text's length: a 10 M-character message took 26 s to show, whole.
 SHOW_CHARS = 4000
 RECAP_CHARS = 600  # a recap of the conversation before `chat --resume` goes on
-
-
-@dataclass
-class Comparison:
-    call_id: str
-    tool: str
-    matches: bool
-    differences: list[str] = field(default_factory=list)
-    result: Any = None  # the new result, for whoever replays (the demo prints sample paths)
-    not_run: bool = False  # the call ran in the recording, but not in the replay
 
 
 @dataclass
@@ -99,7 +82,7 @@ def _ending(group: list[dict]) -> str | None:
     if last >= 0 and group[last]["tool_calls"]:  # the model was still at work
         if any(e["type"] == "resumed" for e in group[last + 1 :]):
             return "the session stopped here and was resumed later"
-        return "the transcript ends here, in the middle of this turn"
+        return "the transcript ends before the model's next answer"
     return None
 
 
@@ -136,7 +119,7 @@ class RecordedDecisions:
                 and isinstance(run, str):
             try:
                 return ctx.workspace.run_dir(run) / "metrics.jsonl", step
-            except ValueError:  # a name no workspace accepts: the call fails anyway
+            except ToolError:  # a name no workspace accepts: the call fails anyway
                 return (None,)
         self.ui.notice(f"The recording stopped this {name} call part-way (Ctrl-C); the replay "
                        "cannot stop it at the same point, so it runs to its end.")
@@ -167,65 +150,6 @@ def places(header: dict) -> dict[str, str]:
     first, so that a replay elsewhere compares paths relative to those places."""
     named = {header.get(key): f"<{key}>" for key in ("workspace", "base_model", "cwd")}
     return {k: v for k, v in sorted(named.items(), key=lambda kv: -len(kv[0] or "")) if k}
-
-
-def normalise(value: Any, replacements: dict[str, str]) -> Any:
-    """A result with what legitimately changes between runs taken out."""
-    if isinstance(value, dict):
-        return {k: normalise(v, replacements) for k, v in value.items()
-                if not _VOLATILE_KEY.search(k)}
-    if isinstance(value, list):
-        return [normalise(v, replacements) for v in value]
-    if isinstance(value, str):
-        for place, placeholder in replacements.items():
-            value = value.replace(place, placeholder)
-        return _TIMESTAMP.sub("<time>", value)
-    return value
-
-
-def differences(recorded: Any, new: Any, where: str = "") -> list[str]:
-    """Human-readable differences between two normalised results."""
-    label = where or "result"
-    if isinstance(recorded, dict) and isinstance(new, dict):
-        found = []
-        for key in sorted(set(recorded) | set(new)):
-            path = f"{where}.{key}" if where else key
-            if key not in new:
-                found.append(f"{path}: missing now")
-            elif key not in recorded:
-                found.append(f"{path}: not in the recording")
-            else:
-                found += differences(recorded[key], new[key], path)
-        return found
-    if isinstance(recorded, list) and isinstance(new, list) and len(recorded) == len(new):
-        return [d for i, (a, b) in enumerate(zip(recorded, new, strict=True))
-                for d in differences(a, b, f"{where}[{i}]")]
-    if isinstance(recorded, float) and isinstance(new, float):
-        if math.isclose(recorded, new, rel_tol=_FLOAT_TOLERANCE, abs_tol=1e-12):
-            return []
-    if recorded == new:
-        return []
-    return [f"{label}: recorded {_short(recorded)}, now {_short(new)}"]
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 80 else text[:79] + "…"
-
-
-def compare(recorded: dict | None, new: dict, old_places: dict[str, str],
-            new_places: dict[str, str]) -> Comparison:
-    """Compare a new tool_result event with the recorded one for the same call."""
-    comparison = Comparison(new["call_id"], new["tool"], matches=False,
-                            result=new.get("result"))
-    if recorded is None:
-        comparison.differences = ["the recorded session has no result for this call"]
-        return comparison
-    before = normalise({k: recorded.get(k) for k in ("ok", "result", "error")}, old_places)
-    after = normalise({k: new.get(k) for k in ("ok", "result", "error")}, new_places)
-    comparison.differences = differences(before, after)
-    comparison.matches = not comparison.differences
-    return comparison
 
 
 def session_places(ctx) -> dict[str, str]:
