@@ -278,8 +278,26 @@ def test_resume_recaps_the_last_turns_before_going_on(interrupted, tmp_path):
     text = said(result)
     assert result.exit_code == 0, result.output
     recap, rest = text.split("Sure, here is what we did.")
-    assert "the last 2 of 2 turns" in recap
+    assert "(the conversation so far: 2 turns)" in recap
     assert recap.index("you> teach it my dog") < recap.index(
         "tools: prepare_dataset ok · train stopped at step 3") < recap.index(
+        "(the turn ended early: Stopped at a safe point") < recap.index(
         "you> go on with the training") < recap.index(
         "tools: resume_checkpoint ok") < recap.index("The run is complete.")
+    assert "Training." not in recap  # said before a call: no answer of the turn
+
+
+def test_resume_recaps_only_the_last_three_turns(tmp_path, workspace):
+    path = tmp_path / "t.jsonl"
+    for n in range(1, 6):
+        args = ["--transcript", str(path)] if n == 1 else ["--resume", str(path)]
+        with FakeLLM([reply(f"answer {n}")]) as llm:
+            result = runner.invoke(app, ["--workspace", workspace, "chat", f"question {n}",
+                                         *args, "--base-url", llm.base_url])
+            assert result.exit_code == 0, result.output
+    text = said(result)
+    recap = text.split("answer 5")[0]
+    assert "(the conversation so far: the last 3 of 4 turns)" in recap
+    assert "question 1" not in recap and "answer 1" not in recap
+    assert recap.index("you> question 2") < recap.index("answer 2") < recap.index(
+        "you> question 4") < recap.index("answer 4")

@@ -118,9 +118,12 @@ class RecordedDecisions:
         if result.get("status") == "interrupted" and isinstance(step, int) \
                 and isinstance(run, str):
             try:
-                return ctx.workspace.run_dir(run) / "metrics.jsonl", step
+                metrics = ctx.workspace.run_dir(run) / "metrics.jsonl"
             except ToolError:  # a name no workspace accepts: the call fails anyway
                 return (None,)
+            self.ui.info(f"(the recording stopped this call at step {step} with Ctrl-C; the "
+                         "replay stops it there too)")
+            return metrics, step
         self.ui.notice(f"The recording stopped this {name} call part-way (Ctrl-C); the replay "
                        "cannot stop it at the same point, so it runs to its end.")
         return (None,)
@@ -259,16 +262,21 @@ def recap(ui: ChatUI, path: str | Path, last: int = 3) -> None:
     if not groups:
         return
     shown = groups[-last:]
-    ui.info(f"(the conversation so far: the last {len(shown)} of {len(groups)} turns)")
+    count = f"the last {len(shown)} of {len(groups)}" if len(groups) > last else len(groups)
+    ui.info(f"(the conversation so far: {count} turn{'s' if len(groups) > 1 else ''})")
     for text, group in shown:
         show_user(ui, shortened(text, RECAP_CHARS))
         calls = _calls_line(group)
         if calls:
             ui.info(f"  {calls}")
-        answers = [e["content"] for e in group if e["type"] == "assistant" and e.get("content")]
+        answers = [e["content"] for e in group
+                   if e["type"] == "assistant" and e.get("content") and not e["tool_calls"]]
         if answers:
             ui.text(shortened(answers[-1], RECAP_CHARS))
             ui.end_text()
+        ending = _ending(group)
+        if ending:
+            ui.info(f"  (the turn ended early: {ending})")
 
 
 def _calls_line(group: list[dict]) -> str:
