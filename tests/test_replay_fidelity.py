@@ -226,6 +226,27 @@ def test_a_transcript_cut_mid_turn_ends_with_a_notice_and_exit_0(prepared, tmp_p
             "model's next answer)") in text
 
 
+def test_a_turn_cut_by_a_crash_then_resumed_replays_clean(prepared, tmp_path, tiny_model):
+    lines = prepared.read_text().splitlines()
+    prepared.write_text("\n".join(lines[:-1]) + "\n")  # the crash: no final answer
+    ctx = ToolContext.from_options(workspace=str(tmp_path / "rec" / "ws"), base_model=tiny_model)
+    header = make_header(model="scripted", endpoint="none", sampling={}, tools=[],
+                         system_prompt="sys", **session_places(ctx))
+    session = Session.from_transcript(prepared, ScriptedModel([turn("I am here.")]), ctx,
+                                      AutoApprove(), header=header)
+    assert session.send("are you there?") is True
+    session.transcript.close()
+    result = replay(prepared, "--workspace", str(tmp_path / "w"))
+    text = said(result)
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 tool results match the recording." in text
+    assert "error:" not in text and "went differently" not in text
+    first, second = text.split("you> are you there?")
+    assert ("The recorded session ended this turn here (the session stopped here and was "
+            "resumed later)") in first
+    assert "I am here." in second
+
+
 # -- D: edits the recording made, a damaged last line ------------------------------------------
 class EditName(AutoApprove):
     """The recorded user changed the dataset's name before running (and chose 'always')."""
