@@ -93,10 +93,13 @@ def test_execute_uses_the_recorded_workspace_model_and_folder(prepared, tmp_path
     assert Path.cwd() == tmp_path / "elsewhere"  # the replay came back
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
-def test_workspace_flag_before_or_after_the_command_overrides(prepared, tmp_path, where):
+@pytest.mark.parametrize("where", ["before", "after", "environment"])
+def test_workspace_flag_before_or_after_the_command_overrides(prepared, tmp_path, where,
+                                                              monkeypatch):
     new = tmp_path / "ws-new"
     flag = ["--workspace", str(new)]
+    if where == "environment":  # the user's standing choice counts as given, too
+        monkeypatch.setenv("BOOTH_WORKSPACE", str(new))
     result = replay(prepared, *(flag if where == "after" else []),
                     before=flag if where == "before" else [])
     text = said(result)

@@ -25,7 +25,8 @@ def replay(
     """Show a saved session as it looked, or re-run its tool calls with --execute.
 
     --execute runs in the workspace, with the base model and from the folder the transcript
-    recorded (--workspace and --base-model choose others).
+    recorded; --workspace and --base-model (or BOOTH_WORKSPACE, BOOTH_BASE_MODEL) choose
+    others.
     """
     code = run_replay(path, execute=execute, yes=yes)
     if code:
