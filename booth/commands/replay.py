@@ -24,9 +24,8 @@ def replay(
 ) -> None:
     """Show a saved session as it looked, or re-run its tool calls with --execute.
 
-    --execute runs in the workspace, with the base model and from the folder the transcript
-    recorded; --workspace and --base-model (or BOOTH_WORKSPACE, BOOTH_BASE_MODEL) choose
-    others.
+    --execute runs where the session ran: its workspace, base model and folder.
+    --workspace and --base-model (or BOOTH_WORKSPACE, BOOTH_BASE_MODEL) choose others.
     """
     code = run_replay(path, execute=execute, yes=yes)
     if code:
