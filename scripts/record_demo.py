@@ -6,6 +6,9 @@ the real thing: the same Session loop, tool validation, approvals and transcript
 tool's result format, so that the demo's replay still matches:
 
     python scripts/record_demo.py
+
+It records with the booth of the tree it lives in (its repository goes first on sys.path),
+so that a checkout never writes its demo with another installed or checked-out booth.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+# ruff: noqa: E402 (booth is imported below, once its repository is first on the path)
 
 from booth.agent.approval import AutoApprove
 from booth.agent.loop import Session

@@ -154,6 +154,18 @@ def test_default_path_is_dated_slugged_and_never_reused(tmp_path):
     assert default_path(tmp_path, "犬を月に", now).name == "20260504-030201-chat.jsonl"
 
 
+@pytest.mark.parametrize(("goal", "slug"), [
+    ("Apprends au modèle mon chien", "apprends-au-modele-mon-chien"),
+    ("Straße in Köln, crème brûlée", "strasse-in-koln-creme-brulee"),
+    ("Ærø Łódź øre œuvre", "aero-lodz-ore-oeuvre"),
+    ("ﬁne ½ ＲＥＸ", "fine-1-2-rex"),  # compatibility forms, taken apart by NFKD
+    ("犬を月に dog", "dog"),  # a script with no Latin letters is left out, the rest kept
+])
+def test_default_path_transliterates_accented_letters(tmp_path, goal, slug):
+    now = datetime(2026, 5, 4, 3, 2, 1)
+    assert default_path(tmp_path, goal, now).name == f"20260504-030201-{slug}.jsonl"
+
+
 def test_a_retracted_message_leaves_the_conversation(tmp_path):
     path = tmp_path / "t.jsonl"
     writer = TranscriptWriter.create(path, header())

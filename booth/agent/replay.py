@@ -7,41 +7,27 @@ the recording stay refused, edits are re-applied (and re-validated). Each new re
 compared with the recorded one; a call that ran in the recording but not in the replay
 (refused now, invalid now, never reached) counts as a mismatch, so nothing-ran never passes.
 Each user message is replayed with only the assistant turns recorded after it, so a user turn
-the recording ended early (endpoint error, Ctrl-C, a limit) ends early again.
+the recording ended early (endpoint error, Ctrl-C, a limit, the file's end) ends early again; a
+call the user stopped with Ctrl-C is stopped again at the recorded step (replay_setup.py).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from booth.agent.approval import Decision, show_call
 from booth.agent.model import AssistantTurn, ReplayModel
+from booth.agent.replay_compare import Comparison, compare
+from booth.agent.replay_setup import RecordedStop, ReplayPlaces, recorded_stops
 from booth.agent.transcript import assistant_turns, read_transcript, retracted
 from booth.agent.ui import ChatUI
-from booth.tools import ToolArgumentError
+from booth.tools import ToolArgumentError, ToolError
 
-# Result fields that measure the run rather than describe what it made.
-_VOLATILE_KEY = re.compile(r"second|elapsed|time|speed|per_s|duration|created|date", re.I)
-_TIMESTAMP = re.compile(r"\d{8}-\d{6}|\d{4}-\d\d-\d\dT[\d:.+-]+")
-_FLOAT_TOLERANCE = 1e-6  # relative: a loss printed by another BLAS build may differ in its tail
 # What a replay prints of one text; the transcript keeps it all. rich's wrapping grows faster
 # than linearly with a text's length: a 10 M-character message took 26 s to show, whole.
 SHOW_CHARS = 4000
-
-
-@dataclass
-class Comparison:
-    call_id: str
-    tool: str
-    matches: bool
-    differences: list[str] = field(default_factory=list)
-    result: Any = None  # the new result, for whoever replays (the demo prints sample paths)
-    not_run: bool = False  # the call ran in the recording, but not in the replay
+RECAP_CHARS = 600  # a recap of the conversation before `chat --resume` goes on
 
 
 @dataclass
@@ -69,6 +55,12 @@ class UserTurn:
 def user_turns(events: list[dict]) -> list[UserTurn]:
     """The recorded user messages, each with its own assistant turns (those withdrawn by
     /retry left out) and, when it ended early, the reason."""
+    return [UserTurn(text, assistant_turns(group), _ending(group))
+            for text, group in _user_groups(events)]
+
+
+def _user_groups(events: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(user message, the events after it up to the next one), /retry's withdrawals left out."""
     gone = retracted(events)
     groups: list[tuple[str, list[dict]]] = []
     for index, event in enumerate(events):
@@ -76,7 +68,7 @@ def user_turns(events: list[dict]) -> list[UserTurn]:
             groups.append((event["message"]["content"], []))
         elif groups and index not in gone and event["type"] != "retracted":
             groups[-1][1].append(event)
-    return [UserTurn(text, assistant_turns(group), _ending(group)) for text, group in groups]
+    return groups
 
 
 def _ending(group: list[dict]) -> str | None:
@@ -87,6 +79,10 @@ def _ending(group: list[dict]) -> str | None:
             return "endpoint error: " + _first_line(event["error"])
         if event["type"] in ("notice", "interrupted"):
             return _first_line(event["text"])
+    if last >= 0 and group[last]["tool_calls"]:  # the model was still at work
+        if any(e["type"] == "resumed" for e in group[last + 1 :]):
+            return "the session stopped here and was resumed later"
+        return "the transcript ends before the model's next answer"
     return None
 
 
@@ -99,15 +95,38 @@ class RecordedDecisions:
     """Approval for a replay: the recording's refusals and edits stand, then the live policy
     (ask / --yes) decides."""
 
-    def __init__(self, policy, approvals: dict[str, dict], ui: ChatUI):
+    def __init__(self, policy, approvals: dict[str, dict], ui: ChatUI,
+                 stops: dict[str, dict] | None = None):
         self.policy, self.approvals, self.ui = policy, approvals, ui
+        self.stops = stops or {}  # call id -> recorded result, for calls stopped by Ctrl-C
         self.refused: set[str] = set()  # call ids refused in this replay
 
     def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
         decision = self._decide(tool, call_id, arguments, ctx)
         if decision.action != "run":
             self.refused.add(call_id)
+        elif isinstance(ctx.stop_requested, RecordedStop):
+            ctx.stop_requested.stop_at(*self._stop_point(tool.name, call_id, ctx))
         return decision
+
+    def _stop_point(self, name: str, call_id: str, ctx) -> tuple:
+        """(metrics file, step) where the recording stopped this call; (None,) for none."""
+        if call_id not in self.stops:
+            return (None,)
+        result = self.stops[call_id]
+        step, run = result.get("steps"), result.get("run")
+        if result.get("status") == "interrupted" and isinstance(step, int) \
+                and isinstance(run, str):
+            try:
+                metrics = ctx.workspace.run_dir(run) / "metrics.jsonl"
+            except ToolError:  # a name no workspace accepts: the call fails anyway
+                return (None,)
+            self.ui.info(f"(the recording stopped this call at step {step} with Ctrl-C; the "
+                         "replay stops it there too)")
+            return metrics, step
+        self.ui.notice(f"The recording stopped this {name} call part-way (Ctrl-C); the replay "
+                       "cannot stop it at the same point, so it runs to its end.")
+        return (None,)
 
     def _decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
         recorded = self.approvals.get(call_id, {})
@@ -118,7 +137,8 @@ class RecordedDecisions:
             show_call(self.ui, tool, arguments, None)
             self.ui.refused(tool.name, reason)
             return Decision("refuse", arguments, reason=reason)
-        if recorded.get("edited"):
+        # A version-1 file may say "edited" in the decision alone (its `edited` was null).
+        if recorded.get("edited") or recorded.get("decision") == "edited":
             try:
                 arguments = tool.validate(recorded["arguments"])
             except ToolArgumentError as error:
@@ -135,65 +155,6 @@ def places(header: dict) -> dict[str, str]:
     return {k: v for k, v in sorted(named.items(), key=lambda kv: -len(kv[0] or "")) if k}
 
 
-def normalise(value: Any, replacements: dict[str, str]) -> Any:
-    """A result with what legitimately changes between runs taken out."""
-    if isinstance(value, dict):
-        return {k: normalise(v, replacements) for k, v in value.items()
-                if not _VOLATILE_KEY.search(k)}
-    if isinstance(value, list):
-        return [normalise(v, replacements) for v in value]
-    if isinstance(value, str):
-        for place, placeholder in replacements.items():
-            value = value.replace(place, placeholder)
-        return _TIMESTAMP.sub("<time>", value)
-    return value
-
-
-def differences(recorded: Any, new: Any, where: str = "") -> list[str]:
-    """Human-readable differences between two normalised results."""
-    label = where or "result"
-    if isinstance(recorded, dict) and isinstance(new, dict):
-        found = []
-        for key in sorted(set(recorded) | set(new)):
-            path = f"{where}.{key}" if where else key
-            if key not in new:
-                found.append(f"{path}: missing now")
-            elif key not in recorded:
-                found.append(f"{path}: not in the recording")
-            else:
-                found += differences(recorded[key], new[key], path)
-        return found
-    if isinstance(recorded, list) and isinstance(new, list) and len(recorded) == len(new):
-        return [d for i, (a, b) in enumerate(zip(recorded, new, strict=True))
-                for d in differences(a, b, f"{where}[{i}]")]
-    if isinstance(recorded, float) and isinstance(new, float):
-        if math.isclose(recorded, new, rel_tol=_FLOAT_TOLERANCE, abs_tol=1e-12):
-            return []
-    if recorded == new:
-        return []
-    return [f"{label}: recorded {_short(recorded)}, now {_short(new)}"]
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 80 else text[:79] + "…"
-
-
-def compare(recorded: dict | None, new: dict, old_places: dict[str, str],
-            new_places: dict[str, str]) -> Comparison:
-    """Compare a new tool_result event with the recorded one for the same call."""
-    comparison = Comparison(new["call_id"], new["tool"], matches=False,
-                            result=new.get("result"))
-    if recorded is None:
-        comparison.differences = ["the recorded session has no result for this call"]
-        return comparison
-    before = normalise({k: recorded.get(k) for k in ("ok", "result", "error")}, old_places)
-    after = normalise({k: new.get(k) for k in ("ok", "result", "error")}, new_places)
-    comparison.differences = differences(before, after)
-    comparison.matches = not comparison.differences
-    return comparison
-
-
 def session_places(ctx) -> dict[str, str]:
     """The header fields that say where a session runs (see `places`)."""
     import os
@@ -206,7 +167,10 @@ def execute(path: str | Path, ctx, policy, ui: ChatUI, transcript=None) -> Repla
     """Re-run the session at `path` through the real loop; compare each result."""
     from booth.agent.loop import Session
 
-    header, events = read_transcript(path)
+    notices: list[str] = []
+    header, events = read_transcript(path, notices)
+    for notice in notices:
+        ui.notice(notice)
     recorded = {e["call_id"]: e for e in events if e["type"] == "tool_result"}
     approvals = {e["call_id"]: e for e in events if e["type"] == "approval"}
     report = ReplayReport()
@@ -218,15 +182,21 @@ def execute(path: str | Path, ctx, policy, ui: ChatUI, transcript=None) -> Repla
         report.comparisons.append(comparison)
         show_comparison(ui, comparison)
 
-    model, decisions = ReplayModel([]), RecordedDecisions(policy, approvals, ui)
+    model = ReplayModel([])
+    decisions = RecordedDecisions(policy, approvals, ui, recorded_stops(events))
     session = Session(
         model, ctx, decisions, system_prompt=header.get("system_prompt") or "",
         transcript=transcript, ui=ui, on_result=on_result,
     )
-    for turn in user_turns(events):
-        show_user(ui, turn.text)
-        model.next_user_turn(turn.turns, turn.ended)
-        session.send(turn.text)
+    # The stand-in for Ctrl-C, for this replay only (a real Ctrl-C still works through it).
+    saved, ctx.stop_requested = ctx.stop_requested, RecordedStop()
+    try:
+        for turn in user_turns(events):
+            show_user(ui, turn.text)
+            model.next_user_turn(turn.turns, turn.ended)
+            session.send(turn.text)
+    finally:
+        ctx.stop_requested = saved
     _add_not_run(report, events, decisions.refused)
     return report
 
@@ -273,12 +243,61 @@ def shortened(text: str, limit: int = SHOW_CHARS) -> str:
 
 def show(path: str | Path, ui: ChatUI) -> None:
     """Print a saved session the way the chat showed it (nothing runs)."""
-    header, events = read_transcript(path)
+    notices: list[str] = []
+    header, events = read_transcript(path, notices)
     ui.info(f"session of {header.get('created', '?')} with {header.get('model', '?')}; "
             f"workspace {header.get('workspace', '?')}")
     for event in events:
         _show_event(ui, event)
+    for notice in notices:
+        ui.notice(notice)
     ui.end_text()
+
+
+def recap(ui: ChatUI, path: str | Path, last: int = 3) -> None:
+    """The end of a saved conversation, as `chat --resume` shows it before going on: the last
+    user messages, each with one line on its tool calls and the model's last answer."""
+    _, events = read_transcript(path)
+    groups = _user_groups(events)
+    if not groups:
+        return
+    shown = groups[-last:]
+    count = f"the last {len(shown)} of {len(groups)}" if len(groups) > last else len(groups)
+    ui.info(f"(the conversation so far: {count} turn{'s' if len(groups) > 1 else ''})")
+    for text, group in shown:
+        show_user(ui, shortened(text, RECAP_CHARS))
+        calls = _calls_line(group)
+        if calls:
+            ui.info(f"  {calls}")
+        answers = [e["content"] for e in group
+                   if e["type"] == "assistant" and e.get("content") and not e["tool_calls"]]
+        if answers:
+            ui.text(shortened(answers[-1], RECAP_CHARS))
+            ui.end_text()
+        ending = _ending(group)
+        if ending:
+            ui.info(f"  (the turn ended early: {ending})")
+
+
+def _calls_line(group: list[dict]) -> str:
+    """One line on the tool calls of a user turn: 'train stopped at step 3 · sample error'."""
+    said = []
+    for event in group:
+        kind = event["type"]
+        if kind == "validation_error":
+            said.append(f"{event['tool']} invalid")
+        elif kind == "approval" and event["decision"] == "refused":
+            said.append(f"{event['tool']} refused")
+        elif kind == "tool_result" and not event["ok"]:
+            said.append(f"{event['tool']} failed")
+        elif kind == "tool_result":
+            result = event.get("result")
+            if isinstance(result, dict) and result.get("status") == "interrupted":
+                step = f" at step {result['steps']}" if "steps" in result else ""
+                said.append(f"{event['tool']} stopped{step}")
+            else:
+                said.append(f"{event['tool']} ok")
+    return "tools: " + " · ".join(said) if said else ""
 
 
 def _show_event(ui: ChatUI, event: dict) -> None:
@@ -320,8 +339,10 @@ def _show_recorded_call(ui: ChatUI, name: str, arguments: dict) -> None:
         ui.tool_call(name, arguments)
 
 
-def summarise(ui: ChatUI, report: ReplayReport) -> None:
-    """The closing lines: calls that did not run, then how many results match."""
+def summarise(ui: ChatUI, report: ReplayReport, places: ReplayPlaces | None = None,
+              source: str | Path | None = None) -> None:
+    """The closing lines: calls that did not run, then how many results match, then, when
+    the replay ran where the recorded session had left its outputs, why that differs."""
     total = len(report.comparisons)
     same = sum(c.matches for c in report.comparisons)
     missing = report.not_run
@@ -334,3 +355,9 @@ def summarise(ui: ChatUI, report: ReplayReport) -> None:
     tail = f"; {len(missing)} not run" if missing else ""
     ui.console.print(f"\n[{style}]{same} of {total} tool results match the recording{tail}.[/]",
                      highlight=False)
+    if places is not None and places.into_recorded and not report.all_match:
+        ui.notice(f"This replay ran in the recorded workspace {places.workspace}, which already "
+                  "holds what the recorded session made: a run of the same name is refused "
+                  "there and a dataset or checkpoint may have changed since, which shows as "
+                  "differences. To compare cleanly, replay into a fresh workspace: "
+                  f"booth replay {source or 'PATH'} --execute --workspace NEW")

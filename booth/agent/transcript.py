@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -83,13 +84,26 @@ def make_header(
 def default_path(transcripts_dir: Path, goal: str | None, now: datetime | None = None) -> Path:
     """<transcripts>/<yyyymmdd-HHMMSS>-<slug of the goal>.jsonl, never an existing file."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    slug = re.sub(r"[^a-z0-9]+", "-", (goal or "chat").lower()).strip("-")[:40].strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", _latin(goal or "chat").lower()).strip("-")[:40].strip("-")
     path = transcripts_dir / f"{stamp}-{slug or 'chat'}.jsonl"
     counter = 2
     while path.exists():
         path = transcripts_dir / f"{stamp}-{slug or 'chat'}-{counter}.jsonl"
         counter += 1
     return path
+
+
+# Latin letters that NFKD does not take apart into a base letter and a mark.
+_LATIN_LETTERS = str.maketrans({"ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe",
+                                "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d",
+                                "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "TH", "ı": "i"})
+
+
+def _latin(text: str) -> str:
+    """`text` with accented Latin letters as plain ones (é -> e, ß -> ss), so a file name
+    keeps the words; other scripts pass through (the slug then leaves them out)."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_LATIN_LETTERS))
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 class TranscriptWriter:
@@ -147,8 +161,10 @@ def _drop_torn_tail(path: Path) -> None:
             file.truncate(len(data) - len(tail))
 
 
-def read_transcript(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(header, events) of a transcript, or a TranscriptError naming the bad line."""
+def read_transcript(path: str | os.PathLike,
+                    notices: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """(header, events) of a transcript, or a TranscriptError naming the bad line. What is
+    left out without failing (a last line torn by a crash) is said in `notices`, if given."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -162,6 +178,9 @@ def read_transcript(path: str | os.PathLike) -> tuple[dict, list[dict]]:
         lines.pop()
     elif not _is_json(lines[-1]):
         lines.pop()  # a last line torn by a crash mid-write: every event before it is whole
+        if notices is not None:
+            notices.append(f"{path}: its last line ({len(lines) + 1}) was cut off while it "
+                           "was written (a crash?) and is left out")
     records = [(n, _parse_line(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
     if not records:
         raise TranscriptError(f"{path} is empty: a transcript starts with a header line")

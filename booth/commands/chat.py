@@ -127,6 +127,10 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
                             transcript, resume)
     ui.info(f"model: {settings.describe()}")
     ui.info(f"transcript: {session.transcript.path}")
+    if resume is not None:  # where the conversation stands, before it goes on
+        from booth.agent.replay import recap
+
+        recap(ui, session.transcript.path)
     resume_hint = f"continue with `booth chat --resume {session.transcript.path}`"
     try:
         with terminate_raises():

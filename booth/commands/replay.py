@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from booth.commands import session as shared
-from booth.commands.options import GLOBALS, fail, tool_context
+from booth.commands.options import GLOBALS, fail
 
 app = typer.Typer()
 
@@ -22,27 +22,40 @@ def replay(
     yes: Annotated[bool, typer.Option(
         "--yes", "-y", help="With --execute: approve every call without asking")] = False,
 ) -> None:
-    """Show a saved session as it looked, or re-run its tool calls with --execute."""
-    code = run_replay(tool_context(), path, execute=execute, yes=yes)
+    """Show a saved session as it looked, or re-run its tool calls with --execute.
+
+    --execute runs where the session ran: its workspace, base model and folder.
+    --workspace and --base-model (or BOOTH_WORKSPACE, BOOTH_BASE_MODEL) choose others.
+    """
+    code = run_replay(path, execute=execute, yes=yes)
     if code:
         raise typer.Exit(code)
 
 
-def run_replay(ctx, path: Path, *, execute: bool, yes: bool) -> int:
+def run_replay(path: Path, *, execute: bool, yes: bool) -> int:
     """The body of `booth replay`; returns the exit code."""
     from booth.agent import replay as replays
-    from booth.agent.transcript import TranscriptError
+    from booth.agent.replay_setup import ReplaySetupError, choose_places, working_folder
+    from booth.agent.transcript import TranscriptError, read_transcript
+    from booth.tools import ToolContext
 
     ui = _ui()
+    path = path.expanduser().resolve()  # before the replay moves to the recorded folder
     try:
         if not execute:
             replays.show(path, ui)
             return 0
+        # None unless the user gave them (flag or environment): the recorded ones win then.
+        places = choose_places(read_transcript(path)[0], GLOBALS.workspace, GLOBALS.base_model)
+        for line in places.lines:
+            ui.info(line)
+        ctx = ToolContext.from_options(workspace=places.workspace, base_model=places.base_model)
         policy = shared.choose_policy(ui, yes=yes, interactive=shared.stdin_is_tty())
-        report = replays.execute(path, ctx, policy, ui, _replay_writer(ctx, path))
-    except (TranscriptError, OSError) as error:
+        with working_folder(places.cwd):
+            report = replays.execute(path, ctx, policy, ui, _replay_writer(ctx, path))
+    except (TranscriptError, ReplaySetupError, OSError) as error:
         raise fail(str(error), 2) from None
-    replays.summarise(ui, report)
+    replays.summarise(ui, report, places, path)
     return 0 if report.all_match else 1
 
 
