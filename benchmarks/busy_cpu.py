@@ -7,6 +7,7 @@ several thread settings. Prints seconds per training step and per image for each
 
     python benchmarks/busy_cpu.py                      # 0 and 2 busy processes, 12 steps
     python benchmarks/busy_cpu.py --busy 0,2,4 --steps 24 --repeat 2
+    python benchmarks/busy_cpu.py --env GOMP_SPINCOUNT=10000 --skip "torch default"
 
 Each setting starts a new Python process because OpenMP reads its environment once, when torch
 is imported. "booth" is what booth.threads.configure_threads() picks on this machine.
@@ -22,6 +23,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Measure this checkout's booth (in the children too), not whichever one is installed.
+CHECKOUT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, CHECKOUT)
 
 # The knobs each setting adds to a clean environment (no OMP_*/MKL_*/BOOTH_THREADS).
 SETTINGS = {
@@ -39,12 +44,19 @@ def main() -> None:
     parser.add_argument("--busy", default="0,2", help="comma-separated busy-process counts")
     parser.add_argument("--steps", type=int, default=12, help="training steps per measurement")
     parser.add_argument("--repeat", type=int, default=1, help="measurements per cell")
+    parser.add_argument("--env", action="append", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
+                        help="one more setting to measure (repeatable)")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
+                        help="a built-in setting not to measure (repeatable)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
     settings = {**SETTINGS, "booth": booth_choice()}
+    settings.update({text: dict(pair.split("=", 1) for pair in text.split(","))
+                     for text in args.env})
+    settings = {name: extra for name, extra in settings.items() if name not in args.skip}
     with tempfile.TemporaryDirectory() as tmp:
         model, data = prepare(Path(tmp))
         table = {}
@@ -103,6 +115,7 @@ class busy_processes:
 def in_child(job: dict, extra: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in CLEARED} | extra
     env["CUDA_VISIBLE_DEVICES"] = ""  # the question is CPU threads
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [CHECKOUT, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], env=env,
                           capture_output=True, text=True, check=False, timeout=1800)
     if done.returncode:
@@ -140,11 +153,12 @@ def report(args, settings: dict, table: dict) -> None:
     print(f"{os.cpu_count()} CPUs; tiny model, 64 px, {args.steps} training steps "
           f"(first step not timed) + one 10-step image; median of {args.repeat}")
     print(f"booth's choice here: {settings['booth'] or 'torch defaults'}")
-    print(f"{'busy':>4}  {'setting':26s} {'threads':>7}  {'s/step':>7}  {'s/image':>7}")
+    width = max(26, *map(len, settings))
+    print(f"{'busy':>4}  {'setting':{width}s} {'threads':>7}  {'s/step':>7}  {'s/image':>7}")
     for (busy, name), runs in table.items():
         step = sorted(r["s_per_step"] for r in runs)[len(runs) // 2]
         image = sorted(r["s_per_image"] for r in runs)[len(runs) // 2]
-        print(f"{busy:>4}  {name:26s} {runs[0]['threads']:>7}  {step:7.3f}  {image:7.3f}")
+        print(f"{busy:>4}  {name:{width}s} {runs[0]['threads']:>7}  {step:7.3f}  {image:7.3f}")
 
 
 if __name__ == "__main__":

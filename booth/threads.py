@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping
 
 OVERRIDE = "BOOTH_THREADS"
 # The variables a person (or `accelerate launch --num_cpu_threads_per_process`) may have set
@@ -37,7 +37,7 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def thread_settings(environ: MutableMapping[str, str] | None = None,
+def thread_settings(environ: Mapping[str, str] | None = None,
                     cpus: int | None = None) -> dict[str, str]:
     """The environment variables booth adds for OpenMP and MKL (nothing that is already set).
 
@@ -68,14 +68,13 @@ def _parse_count(text: str) -> int:
     return int(text)
 
 
-def configure_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Apply `thread_settings` to the environment (children inherit it) and, if torch is
-    already imported, to torch itself. Returns what it set. Call it once, first thing in the
-    process; calling it again changes nothing. Raises ThreadSettingError for a bad
-    BOOTH_THREADS."""
-    environ = os.environ if environ is None else environ
-    settings = thread_settings(environ)
-    environ.update(settings)
+def configure_threads() -> dict[str, str]:
+    """Apply `thread_settings` to this process's environment (children inherit it) and, if
+    torch is already imported, to torch itself. Returns what it set. Call it once, first thing
+    in the process; calling it again changes nothing. Raises ThreadSettingError for a bad
+    BOOTH_THREADS, before changing anything."""
+    settings = thread_settings(os.environ)
+    os.environ.update(settings)
     torch = sys.modules.get("torch")
     if torch is not None and "OMP_NUM_THREADS" in settings:
         # Too late for the wait policy; the count can still be made the same as in children.

@@ -30,31 +30,32 @@ def test_booth_threads_wins_and_torch_means_hands_off():
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
-def test_a_bad_booth_threads_is_a_clear_error_and_changes_nothing(value):
-    environ = {"BOOTH_THREADS": value}
+def test_a_bad_booth_threads_is_a_clear_error_and_changes_nothing(value, monkeypatch):
+    monkeypatch.setenv("BOOTH_THREADS", value)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    before = dict(os.environ)
     with pytest.raises(ThreadSettingError, match=f"BOOTH_THREADS must be a whole number.*{value}"):
-        configure_threads(environ)
-    assert environ == {"BOOTH_THREADS": value}
+        configure_threads()
+    assert dict(os.environ) == before
 
 
-def test_configuring_twice_changes_nothing_the_second_time():
-    environ = {}
-    first = configure_threads(environ)
-    assert first and environ == first
-    assert configure_threads(environ) == {} and environ == first
+def test_what_booth_set_is_kept_when_asked_again():
+    first = thread_settings({}, cpus=2)
+    assert thread_settings(first, cpus=2) == {}
 
 
 def test_torch_in_a_fresh_process_uses_the_count_booth_set():
-    """The settings only work if they are in place before torch is imported. (torch never
-    starts more threads than there are cores, so the count asked for is one.)"""
-    code = ("from booth.threads import configure_threads, thread_count\n"
-            "import json, os\nconfigure_threads()\n"
-            "print(json.dumps([thread_count(), os.environ['OMP_WAIT_POLICY']]))")
+    """Set before torch is imported, the count and the wait policy hold; set after, the count
+    still does. (torch never starts more threads than there are cores, so it asks for one.)"""
+    code = ("import json, os\nfrom booth.threads import configure_threads, thread_count\n"
+            "configure_threads()\nseen = [thread_count(), os.environ['OMP_WAIT_POLICY']]\n"
+            "os.environ['BOOTH_THREADS'] = '2'\nconfigure_threads()\n"
+            "print(json.dumps(seen + [thread_count()]))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
     done = subprocess.run([sys.executable, "-c", code], env=env | {"BOOTH_THREADS": "1"},
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [1, "PASSIVE"]
+    assert json.loads(done.stdout) == [1, "PASSIVE", 2]
 
 
 def test_the_test_process_itself_runs_at_the_count_conftest_chose():

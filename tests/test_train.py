@@ -345,6 +345,7 @@ def test_estimate_names_steps_resolution_and_device(tool_context):
     assert line.endswith(" on cpu") and "~" in line
 
 
+@pytest.mark.slow  # full_run trains
 def test_resume_estimate_says_what_an_earlier_checkpoint_replaces(full_run):
     ctx, _, _ = full_run
     tool = get_tool("resume_checkpoint")
