@@ -1,8 +1,9 @@
 """CPU thread settings for torch, chosen once at process start.
 
 torch's OpenMP threads spin while they wait for work. On a machine whose cores are busy with
-other programs those spinning threads fight the programs and each other, and a training step
-gets 5-10x slower instead of slowing down in proportion (measured: benchmarks/busy_cpu.py).
+other programs those spinning threads fight the programs and each other: with two busy
+processes on two cores a tiny training step went from 0.17 s to 7 s and a 10-step image from
+0.4 s to 25 s, where passive waiting gave 0.4-0.6 s and 1.2-2.2 s (benchmarks/busy_cpu.py).
 OpenMP reads its settings once, when torch is imported, so `configure_threads()` must run
 before anything imports torch; called later it can still fix the thread count, not the waiting.
 
@@ -20,8 +21,9 @@ OVERRIDE = "BOOTH_THREADS"
 # The variables a person (or `accelerate launch --num_cpu_threads_per_process`) may have set
 # on purpose; when any is set, booth leaves the thread count alone.
 USER_COUNT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-# Most threads booth starts on its own: past this a tiny or CPU-bound training gains little,
-# and every extra spinning thread is one more to collapse when the machine gets busy.
+# Most threads booth starts on its own. A team of threads waits for its slowest member, so a
+# big team suffers most when other programs take cores; and one count on every machine with
+# 4+ cores lets an exact resume move between them. (A judgement: measured on 2 cores only.)
 MAX_DEFAULT_THREADS = 4
 
 
