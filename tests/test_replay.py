@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,15 +36,15 @@ class RefuseSample(AutoApprove):
         return super().decide(tool, call_id, arguments, ctx)
 
 
-@pytest.fixture
-def recorded(tmp_path, tiny_model, monkeypatch) -> tuple[Path, str]:
-    """A real session: prepare (valid), a malformed call, priors, and a refused sample."""
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory, tiny_model) -> Path:
+    """A real session, recorded once for the module: prepare (valid), a malformed call,
+    priors, and a refused sample. Its folder holds the photos and session.jsonl."""
     from booth.demo import draw_subject_photos
 
-    monkeypatch.chdir(tmp_path)
-    draw_subject_photos(tmp_path / "photos", count=3, size=64)
-    workspace = tmp_path / "ws-recorded"
-    ctx = ToolContext.from_options(workspace=str(workspace), base_model=tiny_model)
+    root = tmp_path_factory.mktemp("recorded")
+    draw_subject_photos(root / "photos", count=3, size=64)
+    ctx = ToolContext.from_options(workspace=str(root / "ws-recorded"), base_model=tiny_model)
     script = [
         turn("Preparing.", ("Prepare001", "prepare_dataset",
                             {"images_dir": "photos", "class_noun": "dog", "resolution": 64})),
@@ -54,14 +55,25 @@ def recorded(tmp_path, tiny_model, monkeypatch) -> tuple[Path, str]:
         turn("A look at the base model.", ("Sample001", "sample", {"prompts": ["a dog"]})),
         turn("All done."),
     ]
-    header = make_header(model="scripted", endpoint="none", sampling={},
-                         tools=[t.openai_spec() for t in TOOLS.values()], system_prompt="sys",
-                         **session_places(ctx))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # the session names its photos relative to where it ran
+        header = make_header(model="scripted", endpoint="none", sampling={},
+                             tools=[t.openai_spec() for t in TOOLS.values()],
+                             system_prompt="sys", **session_places(ctx))
+        writer = TranscriptWriter.create(root / "session.jsonl", header)
+        Session(ScriptedModel(script), ctx, RefuseSample(), system_prompt="sys",
+                transcript=writer).send("make me a dog dataset")
+        writer.close()
+    return root
+
+
+@pytest.fixture
+def recorded(recording, tmp_path, tiny_model, monkeypatch) -> tuple[Path, str]:
+    """The module's recorded session as this test's own copy (a test may edit it), replayed
+    from the folder it was recorded in (its relative photo path resolves there again)."""
+    monkeypatch.chdir(recording)
     path = tmp_path / "session.jsonl"
-    writer = TranscriptWriter.create(path, header)
-    Session(ScriptedModel(script), ctx, RefuseSample(), system_prompt="sys",
-            transcript=writer).send("make me a dog dataset")
-    writer.close()
+    shutil.copyfile(recording / "session.jsonl", path)
     return path, tiny_model
 
 
@@ -70,6 +82,7 @@ def replay(path, *options, workspace, base_model):
                                "replay", str(path), *options])
 
 
+@pytest.mark.slow  # the recording generates class images
 def test_replay_shows_the_session_and_runs_nothing(recorded, tmp_path):
     path, model = recorded
     result = replay(path, workspace=str(tmp_path / "ws-show"), base_model=model)
@@ -81,6 +94,7 @@ def test_replay_shows_the_session_and_runs_nothing(recorded, tmp_path):
     assert not (tmp_path / "ws-show").exists()
 
 
+@pytest.mark.slow  # the recording generates class images
 def test_execute_reruns_approved_calls_and_reports_matches(recorded, tmp_path):
     path, model = recorded
     workspace = tmp_path / "ws-replay"
@@ -101,6 +115,7 @@ def test_execute_reruns_approved_calls_and_reports_matches(recorded, tmp_path):
         "prepare_dataset", "generate_priors"]
 
 
+@pytest.mark.slow  # the recording generates class images
 def test_execute_reports_a_result_that_differs(recorded, tmp_path):
     path, model = recorded
     lines = path.read_text().splitlines()
@@ -117,6 +132,7 @@ def test_execute_reports_a_result_that_differs(recorded, tmp_path):
     assert "1 of 2 tool results match" in text
 
 
+@pytest.mark.slow  # the recording generates class images
 def test_execute_without_a_terminal_or_yes_runs_nothing_and_fails(recorded, tmp_path):
     path, model = recorded
     result = replay(path, "--execute", workspace=str(tmp_path / "ws"), base_model=model)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,18 +100,22 @@ def runs(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("ws")
     make_workspace(root)
     ctx = ToolContext.from_options(workspace=str(root), base_model=tiny_model)
-    kill_after_checkpoint(root, tiny_model,
-                          {**ARGS, "max_train_steps": 20, "run_name": "killed"}, step=10)
+    # The child trains 'killed' (its start-up is mostly imports) while this process trains
+    # 'straight': two cores, both busy. Separate runs, and one thread each (conftest).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        kill = pool.submit(kill_after_checkpoint, root, tiny_model,
+                           {**ARGS, "max_train_steps": 20, "run_name": "killed"}, step=10)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("booth.tools.priors.find_prior_set",
+                          lambda ctx, prompt, base=None, **_: root / "priors" / "dog")
+            straight = get_tool("train").run(ctx, {**ARGS, "max_train_steps": 24,
+                                                    "run_name": "straight"})
+        kill.result()
     killed = root / "runs" / "killed"
     at_kill = rows(killed)
     finished_at_kill = (killed / "final").exists()
     # A checkpoint half-written by some other kill: ignored, then swept away.
     (killed / "checkpoints" / ".tmp-checkpoint-11").mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("booth.tools.priors.find_prior_set",
-                      lambda ctx, prompt, base=None, **_: root / "priors" / "dog")
-        straight = get_tool("train").run(ctx, {**ARGS, "max_train_steps": 24,
-                                                "run_name": "straight"})
     resumed = get_tool("resume_checkpoint").run(ctx, {"run": "killed"})
     resumed_rows = rows(killed)
     checkpoint_20 = weights(killed / "checkpoints" / "checkpoint-20")

@@ -347,6 +347,7 @@ def test_estimate_names_steps_resolution_and_device(tool_context):
     assert "~" in line and " on cpu (" in line and line.endswith("(rough guess)")
 
 
+@pytest.mark.slow  # full_run trains
 def test_resume_estimate_says_what_an_earlier_checkpoint_replaces(full_run):
     ctx, _, _ = full_run
     tool = get_tool("resume_checkpoint")
