@@ -15,7 +15,7 @@ import typer
 
 from booth.commands import chat, ls, replay, tools
 from booth.commands.help import FlagsGroup
-from booth.commands.options import GLOBALS, BaseModelOption, WorkspaceOption, add_commands
+from booth.commands.options import GLOBALS, BaseModelOption, WorkspaceOption, add_commands, fail
 
 app = typer.Typer(
     name="booth",
@@ -45,6 +45,13 @@ def main(
         "--version", callback=_print_version, is_eager=True,
         help="Print booth's version and exit.")] = False,
 ) -> None:
+    from booth.threads import ThreadSettingError, configure_threads
+
+    # Before anything imports torch: OpenMP reads its settings once (see booth/threads.py).
+    try:
+        configure_threads()
+    except ThreadSettingError as error:
+        raise fail(str(error), 2) from None
     # Reset on every invocation: the options given after the command name override these.
     GLOBALS.workspace = workspace
     GLOBALS.base_model = base_model

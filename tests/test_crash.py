@@ -159,3 +159,27 @@ def test_sigterm_while_waiting_for_the_model_exits_143_with_the_transcript(
     assert child.returncode == 143, err[-2000:]
     assert f"--resume {transcript}" in " ".join(err.split())
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_resuming_with_another_cpu_thread_count_says_it_will_not_be_exact(killed_early):
+    import io
+    import shutil
+
+    import torch
+    from rich.console import Console
+
+    root = killed_early["root"]
+    shutil.copytree(root / "runs" / "whole", root / "runs" / "threads")
+    inputs = root / "runs" / "threads" / "inputs.json"
+    recorded = json.loads(inputs.read_text())
+    assert recorded["cpu_threads"] == torch.get_num_threads()  # recorded when it started
+    inputs.write_text(json.dumps({**recorded, "cpu_threads": recorded["cpu_threads"] + 3}))
+    out = io.StringIO()
+    ctx = ToolContext.from_options(workspace=str(root), base_model=killed_early["ctx"].base_model,
+                                   console=Console(file=out, width=300))
+    result = get_tool("resume_checkpoint").run(ctx, {"run": "threads", "max_train_steps": 13})
+    assert result["status"] == "completed"
+    said = out.getvalue()
+    assert f"trained with {recorded['cpu_threads'] + 3} CPU threads" in said
+    assert "not bit-identical" in said and f"BOOTH_THREADS={recorded['cpu_threads'] + 3}" in said

@@ -117,17 +117,41 @@ def input_fingerprint(config) -> dict:
     images."""
     import hashlib
 
+    import torch
+
     instance = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest()
                 for p in config.instance_images}
     classes = config.class_data_dir if config.with_prior_preservation else None
     names = [p.name for p in list_images(classes)] if classes else []
-    return {"instance_images": instance, "class_images": {"count": len(names), "names": names}}
+    # Not an input, but it decides the last bits of every CPU sum: a resume is bit-identical
+    # only at the same thread count (FIELD-NOTES: 1 vs 2 threads, 10 of 24 losses equal).
+    return {"instance_images": instance, "class_images": {"count": len(names), "names": names},
+            "cpu_threads": torch.get_num_threads()}
 
 
 def save_fingerprint(run_dir: Path, fingerprint: dict) -> None:
     import json
 
     (run_dir / INPUTS_FILE).write_text(json.dumps(fingerprint, indent=2), encoding="utf-8")
+
+
+def thread_change(run_dir: Path, fingerprint: dict) -> str | None:
+    """A warning when this process uses another CPU thread count than the run started with
+    (None when the same, unknown, or training on a GPU)."""
+    import json
+
+    import torch
+
+    path = run_dir / INPUTS_FILE
+    if torch.cuda.is_available() or not path.is_file():
+        return None
+    before = json.loads(path.read_text(encoding="utf-8")).get("cpu_threads")
+    now = fingerprint["cpu_threads"]
+    if before is None or before == now:
+        return None
+    return (f"run {run_dir.name!r} was trained with {before} CPU threads and resumes with {now}: "
+            "the losses will be close but not bit-identical to an uninterrupted run (set "
+            f"BOOTH_THREADS={before} to resume exactly)")
 
 
 def input_changes(run_dir: Path, fingerprint: dict) -> str | None:

@@ -61,7 +61,12 @@ from booth.dreambooth.setup import (
     wait_for_everyone,
     weight_dtype,
 )
-from booth.dreambooth.train_data import input_changes, input_fingerprint, save_fingerprint
+from booth.dreambooth.train_data import (
+    input_changes,
+    input_fingerprint,
+    save_fingerprint,
+    thread_change,
+)
 
 __all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "TrainingError",
            "list_checkpoints", "load_run_pipeline", "resume", "train"]
@@ -155,9 +160,13 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
             "pass a larger max_train_steps to train further"
         )
     config = resolve_for_device(config.check(), run_dir, console)
-    changed = None if export_only else input_changes(run_dir, input_fingerprint(config))
+    fingerprint = None if export_only else input_fingerprint(config)
+    changed = fingerprint and input_changes(run_dir, fingerprint)
     if changed:
         raise TrainingError(changed)
+    threads = fingerprint and thread_change(run_dir, fingerprint)
+    if threads:
+        console.print(f"[yellow]{threads}[/]")
 
     def discard_later() -> None:
         # Only now, with the base model and the checkpoint loaded: a resume that fails
