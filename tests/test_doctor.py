@@ -146,3 +146,45 @@ def test_a_base_model_folder_that_is_not_a_model_fails(workspace, tiny_model, tm
     base = lines(result)["base model"]
     assert base.startswith("✗") and str(folder) in base.replace("\n", "")
     assert lines(result)["tool calls"].startswith("✓")  # only the model failed
+
+
+def test_a_gpu_short_of_free_memory_and_without_bitsandbytes_warns_but_passes(
+        workspace, tiny_model, monkeypatch):
+    """The CUDA branch, on a machine without one: torch's answers about the GPU replaced."""
+    import importlib.util
+
+    import torch
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA T4")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (3 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name == "bitsandbytes" else real_find_spec(name, *a))
+    with FakeLLM([SAMPLE]) as llm:
+        result = doctor(workspace, tiny_model, llm.base_url, "--no-stream")
+    assert result.exit_code == 0, result.output
+    checks = lines(result)
+    assert checks["gpu"].startswith("!") and "NVIDIA T4, 16.0 GB, 3.0 GB free" in checks["gpu"]
+    assert "use_lora" in checks["gpu"]
+    assert checks["bf16"].startswith("!") and "fp16" in checks["bf16"]
+    assert checks["8-bit adam"].startswith("!") and "pip install bitsandbytes" in result.output
+
+
+def test_an_unknown_provider_is_a_usage_error(workspace, tiny_model):
+    result = doctor(workspace, tiny_model, "http://127.0.0.1:9/v1", "--provider", "nope")
+    assert result.exit_code == 2 and "Unknown provider 'nope'" in result.output
+    assert not lines(result)  # no check ran on settings that mean nothing
+
+
+def test_only_the_streamed_probe_failing_suggests_no_stream(workspace, tiny_model):
+    with FakeLLM([SAMPLE, TEXT_CALL]) as llm:
+        result = doctor(workspace, tiny_model, llm.base_url)
+    assert result.exit_code == 1
+    checks = lines(result)
+    assert checks["tool calls"].startswith("✓") and "--no-stream" not in checks["tool calls"]
+    assert checks["tool calls (streamed)"].startswith("✗")
+    assert "chat with --no-stream" in checks["tool calls (streamed)"]

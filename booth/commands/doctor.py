@@ -122,12 +122,11 @@ def run_checks(ctx, options: dict) -> list[Check]:
     from booth.agent.model import EndpointError
     from booth.agent.settings import resolve_settings
 
-    checks = [_python(), *_machine()]
-    try:
+    try:  # a usage error (an unknown provider, no key for Mistral's API) before any check
         settings = resolve_settings(**options)
     except EndpointError as error:
         raise fail(str(error), 2) from None
-    checks += _endpoint(settings)
+    checks = [_python(), *_machine(), *_endpoint(settings)]
     base = _base_model(ctx.base_model)
     checks += [base.check, _disk(ctx.workspace.root, base.weights)]
     return checks
@@ -220,10 +219,13 @@ def _endpoint(settings) -> list[Check]:
     served = _models(client, settings, url)
     if served.status == FAIL:  # a probe could only fail the same way
         return [served]
-    checks = [served, _probe(client, settings, stream=False)]
-    if settings.stream:
-        checks.append(_probe(client, settings, stream=True))
-    return checks
+    plain = _probe(client, settings, stream=False)
+    if not settings.stream:
+        return [served, plain]
+    streamed = _probe(client, settings, stream=True)
+    if plain.status == OK and streamed.status == FAIL:  # vLLM #20028: streamed calls broke
+        streamed.fix = " ".join([streamed.fix, "(until then, chat with --no-stream)"]).strip()
+    return [served, plain, streamed]
 
 
 def _models(client, settings, url: str) -> Check:
@@ -267,15 +269,12 @@ def _probe(client, settings, stream: bool) -> Check:
             with create(**request) as response:
                 turn = reply.turn_from_body(response.read())
     except Exception as error:  # the network, the SDK, a broken reply: the finding
-        return Check(name, FAIL, f"the probe failed: {_why(error)}",
-                     "--no-stream for chat" if stream else "")
-    return _judge(name, turn, settings.provider, stream)
+        return Check(name, FAIL, f"the probe failed: {_why(error)}")
+    return _judge(name, turn, settings.provider)
 
 
-def _judge(name: str, turn, provider: str, stream: bool) -> Check:
+def _judge(name: str, turn, provider: str) -> Check:
     fix = TOOL_PARSER_FIX.get(provider, TOOL_PARSER_FIX["vllm"])
-    if stream and provider == "vllm":
-        fix += " (or chat with --no-stream)"
     if turn.tool_calls:
         called = ", ".join(f"{c.name}({c.arguments})" for c in turn.tool_calls)
         return Check(name, OK, f"structured call: {_cut(called)}")
