@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BUDGET = 2000  # tokens: under half of Ollama's default 4,096-token window
 GOAL = "Teach the model my corgi from ~/photos/rex, then show him as an astronaut."
+WORKSPACE = "/home/someone/booth-workspace"
 DEVICE = "cuda: NVIDIA GeForce RTX 4090 Laptop GPU, 16 GB (x2)"  # a long device line
 
 
@@ -37,14 +38,17 @@ def load_tokenizer():
 
 
 def empty_workspace_prompt() -> str:
-    """The system prompt of an empty workspace, as `booth chat` builds it."""
+    """The system prompt of an empty workspace, as `booth chat` builds it, with the workspace
+    shown at WORKSPACE: a random temporary path would change the count from run to run."""
     from booth.agent.prompt import build_system_prompt
     from booth.tools import ToolContext
 
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = ToolContext.from_options(workspace=str(Path(tmp) / "workspace"),
+        root = Path(tmp) / "workspace"
+        ctx = ToolContext.from_options(workspace=str(root),
                                        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
-        return build_system_prompt(ctx, today=date(2026, 12, 1), device=DEVICE)
+        prompt = build_system_prompt(ctx, today=date(2026, 12, 1), device=DEVICE)
+        return prompt.replace(str(ctx.workspace.root), WORKSPACE)
 
 
 def tool_specs() -> list[dict]:
