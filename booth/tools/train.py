@@ -39,7 +39,7 @@ def train(
                                   pattern=NAME_PATTERN)],
     max_train_steps: Annotated[int, setting(TrainConfig, "max_train_steps")],
     learning_rate: Annotated[float, setting(TrainConfig, "learning_rate")],
-    run_name: Annotated[str | None, Param("New run's name (default: "
+    run_name: Annotated[str | None, Param("Name of the new run (default: "
                                           "<dataset>-<date>-<time>)", pattern=NAME_PATTERN)] = None,
     base_model: Annotated[str | None, setting(TrainConfig, "base_model",
                                               default_note="the session's base model")] = None,
