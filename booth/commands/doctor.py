@@ -281,8 +281,10 @@ def _judge(name: str, turn, provider: str) -> Check:
     if _written_as_text(turn.content):
         return Check(name, FAIL, f"the call came back as text, not parsed by the server: "
                      f"{_cut(turn.content)!r}", fix)
-    return Check(name, FAIL, f"no tool call came back (the model answered "
-                 f"{_cut(turn.content)!r}); the server may not pass the tools on", fix)
+    answered = f"the model answered {_cut(turn.content)!r}" if turn.content.strip() else (
+        "an empty answer")
+    return Check(name, FAIL, f"no tool call came back ({answered}); the server may not pass "
+                 "the tools on", fix)
 
 
 def _written_as_text(content: str) -> bool:
