@@ -50,7 +50,7 @@ def device_line() -> str:
     except ImportError:
         return "CPU only (torch is not installed)"
     if not torch.cuda.is_available():
-        return "CPU only (no CUDA GPU): training is slow, keep runs small"
+        return "CPU only (no CUDA GPU)"  # system.md says what that means for a plan
     props = torch.cuda.get_device_properties(0)
     count = torch.cuda.device_count()
     more = f" (x{count})" if count > 1 else ""

@@ -60,14 +60,13 @@ class TrainConfig:
                                        "subjects)")] = False
 
     # --- optimisation ---------------------------------------------------------------------
-    max_train_steps: Annotated[int, Param("Optimizer steps: ~400 without priors, ~800 with "
-                                          "prior preservation", **STEPS)] = 400
-    learning_rate: Annotated[float, Param("5e-6 for full fine-tuning (faces 1e-6..2e-6); "
-                                          "1e-4..5e-4 with LoRA", exclusive_minimum=0,
+    max_train_steps: Annotated[int, Param("~400 without priors, ~800 with", **STEPS)] = 400
+    learning_rate: Annotated[float, Param("5e-6 (faces 2e-6); 1e-4 with LoRA",
+                                          exclusive_minimum=0,
                                           exclusive_maximum=1)] = 5e-6
     # loss = instance MSE + prior_loss_weight * class MSE.
-    prior_loss_weight: Annotated[float, Param("Weight of the class-image loss; 0 turns prior "
-                                              "preservation off", minimum=0,
+    prior_loss_weight: Annotated[float, Param("Class-image loss weight; 0: no prior "
+                                              "preservation", minimum=0,
                                               maximum=10)] = 1.0
     # With priors each batch also holds as many class images.
     train_batch_size: Annotated[int, Param("Subject images per batch (as many class images "
@@ -91,25 +90,22 @@ class TrainConfig:
     seed: Annotated[int, Param("Seed of data order, noise and timesteps", **SEED)] = 0
 
     # --- what is trained (the VAE is always frozen) ----------------------------------------
-    train_text_encoder: Annotated[bool, Param("Also fine-tune the text encoder (best "
-                                              "fidelity, more memory)")] = True
-    use_lora: Annotated[bool, Param("Train small LoRA adapters instead of all weights (small "
-                                    "GPUs, small files)")] = False
+    train_text_encoder: Annotated[bool, Param("Also train the text encoder (better, "
+                                              "more memory)")] = True
+    use_lora: Annotated[bool, Param("Small LoRA adapters instead of all "
+                                    "weights")] = False
     lora_rank: Annotated[int, Param("LoRA rank", minimum=1, maximum=256)] = 4
 
     # --- memory and speed (GPU tricks are ignored, with a warning, where they cannot work) --
     # Trained weights stay fp32 under autocast: fp16 ones cannot be unscaled.
-    mixed_precision: Annotated[Precision, Param("Autocast precision; fp16/bf16 need a GPU to "
-                                                "pay off")] = "no"
-    gradient_checkpointing: Annotated[bool, Param("Trade ~20% speed for much less GPU "
-                                                  "memory")] = False
+    mixed_precision: Annotated[Precision, Param("fp16/bf16 save GPU memory")] = "no"
+    gradient_checkpointing: Annotated[bool, Param("Much less memory, ~20% slower")] = False
     # Only on CUDA with bitsandbytes installed, else plain AdamW.
-    use_8bit_adam: Annotated[bool, Param("8-bit AdamW (CUDA + bitsandbytes only; otherwise "
-                                         "plain AdamW)")] = False
+    use_8bit_adam: Annotated[bool, Param("8-bit AdamW (CUDA + bitsandbytes)")] = False
 
     # --- checkpoints and tracking ---------------------------------------------------------
     # The full training state (weights, optimizer, scheduler, RNGs, step).
-    checkpointing_steps: Annotated[int, Param("Save the full training state every N steps",
+    checkpointing_steps: Annotated[int, Param("Save a resumable checkpoint every N steps",
                                               **STEPS)] = 200
     # Oldest removed first; None keeps them all.
     checkpoints_total_limit: Annotated[int | None, Param("Keep only the newest N checkpoints",

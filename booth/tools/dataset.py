@@ -30,26 +30,20 @@ _RESULT_REJECTED_LIMIT = 40         # the full list is in manifest.json; keep th
 @tool
 def prepare_dataset(
     ctx: ToolContext,
-    images_dir: Annotated[str, Param("Folder holding the subject's photos (searched "
-                                     "recursively; ~ allowed)", min_length=1, max_length=1000,
+    images_dir: Annotated[str, Param("Folder of the photos (~ allowed)",
+                                     min_length=1, max_length=1000,
                                      pattern=PATH)],
-    class_noun: Annotated[str, Param("What the subject is, one or two words: 'dog', 'person', "
-                                     "'backpack'", min_length=1, max_length=50,
+    class_noun: Annotated[str, Param("The subject's class, e.g. 'dog'",
+                                     min_length=1, max_length=50,
                                      pattern=r"^[^\n\r]*[^\s][^\n\r]*$")],
-    instance_token: Annotated[str, Param("Rare identifier bound to the subject",
+    instance_token: Annotated[str, Param("Rare identifier word",
                                          pattern=r"^[A-Za-z0-9_<>-]{1,32}$")] = "sks",
-    resolution: Annotated[int, Param("Square training resolution in pixels, a multiple of 8 "
-                                     "(512 for SD 1.x)", minimum=64, maximum=1024,
+    resolution: Annotated[int, Param("Pixels", minimum=64, maximum=1024,
                                      multiple_of=8)] = 512,
-    name: Annotated[str | None, Param("Dataset name (default: from the folder name)",
+    name: Annotated[str | None, Param("Dataset name (default: the folder's)",
                                       pattern=NAME_PATTERN)] = None,
 ) -> dict:
-    """Prepare a folder of photos of one subject for DreamBooth training.
-
-    Each photo is EXIF-oriented, converted to RGB, center-cropped and resized to the
-    resolution; every file that cannot be used is listed with the reason. Returns the dataset
-    name, the instance prompt ('a photo of sks dog') and class prompt ('a photo of a dog').
-    """
+    """Check and crop photos of one subject into a dataset; lists rejected files and why."""
     from booth.dreambooth.images import prepare_images
 
     source = _source_folder(images_dir)

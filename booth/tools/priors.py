@@ -15,18 +15,17 @@ from booth.tools.registry import Param, tool
 _SAMPLE_PATHS = 4
 
 
-@tool
+# The model is shown what a plan changes; the sampler's knobs (and the base model, hidden
+# from train too) keep their defaults unless the user edits a call or uses `booth call`.
+@tool(model_sees=("class_prompt", "num_images", "resolution", "negative_prompt"))
 def generate_priors(
     ctx: ToolContext,
-    class_prompt: Annotated[str, Param("Prompt for the class images, e.g. 'a photo of a dog' "
-                                       "(the class prompt prepare_dataset returned)",
+    class_prompt: Annotated[str, Param("The dataset's, e.g. 'a photo of a dog'",
                                        min_length=1, max_length=1000, pattern=NOT_BLANK)],
-    num_images: Annotated[int, Param("How many class images the set should hold (~200 is "
-                                     "usual)", minimum=1, maximum=2000)] = 200,
+    num_images: Annotated[int, Param("Images in the set", minimum=1, maximum=2000)] = 200,
     seed: Annotated[int, Param("Seed: the same seed gives the same images",
                                minimum=0, maximum=2**32 - 1)] = 0,
-    resolution: Annotated[int | None, Param("Square size in pixels, a multiple of 8 (default: "
-                                            "the model's own, 512 for SD 1.x)",
+    resolution: Annotated[int | None, Param("Pixels (default: the model's)",
                                             minimum=64, maximum=1024,
                                             multiple_of=8)] = None,
     batch_size: Annotated[int, Param("Images per forward pass; does not change the images",
@@ -35,17 +34,13 @@ def generate_priors(
                                               maximum=200)] = DEFAULT_STEPS,
     guidance_scale: Annotated[float, Param("Classifier-free guidance scale", minimum=0,
                                            maximum=30)] = DEFAULT_GUIDANCE,
-    negative_prompt: Annotated[str | None, Param("What the images should not show",
+    negative_prompt: Annotated[str | None, Param("What not to show",
                                                  max_length=1000)] = None,
     base_model: Annotated[str | None, Param("Model that draws them (default: the session's "
                                             "base model)", min_length=1, max_length=1000,
                                             pattern=PATH)] = None,
 ) -> dict:
-    """Generate class images with the base model, for prior-preservation training.
-
-    Images already made with the same settings are reused, and an interrupted call continues
-    where it stopped, so calling it again is cheap. Returns the folder the train tool uses.
-    """
+    """Generate class images for prior preservation; existing ones are reused."""
     from booth.dreambooth.priors import generate_class_images
 
     key = _key(ctx, class_prompt, seed, resolution, num_inference_steps, guidance_scale,

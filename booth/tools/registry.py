@@ -65,9 +65,10 @@ class Tool:
     memory_plan: Callable[[Any, dict[str, Any]], Any] | None = None
 
     def openai_spec(self) -> dict[str, Any]:
-        """The entry of the `tools` list of a chat-completions request."""
+        """The entry of the `tools` list of a chat-completions request: the parameters the
+        model is shown, without the keywords only validation needs (see _VALIDATION_ONLY)."""
         properties = self.parameters["properties"]
-        shown = {k: properties[k] for k in self.model_sees}
+        shown = {k: _for_the_model(properties[k]) for k in self.model_sees}
         parameters = {**self.parameters, "properties": shown,
                       "required": [k for k in self.parameters["required"] if k in shown]}
         return {"type": "function",
@@ -104,6 +105,28 @@ class Tool:
     def run(self, ctx: Any, arguments: Any) -> dict[str, Any]:
         """Validate, then call. Nothing runs unless the arguments are valid."""
         return self.call(ctx, self.validate(arguments))
+
+
+# Schema text paid for in tokens on every request that helps no one write a call: names come
+# from the workspace state, lengths are far beyond real ones, and a call that breaks a pattern
+# gets an error saying the rule in words (booth.schema.pattern). Bounds no sensible call meets
+# (a count of at least 1, a seed up to 2**32-1) go too; bounds that guide a choice (a
+# resolution up to 1024, at most 16 images) stay. `validate` still checks every one.
+_VALIDATION_ONLY = frozenset({"pattern", "minLength", "maxLength"})
+_OBVIOUS_MINIMUM = (0, 1)
+_UNREACHED_MAXIMUM = 2000
+
+
+def _for_the_model(schema: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: v for k, v in schema.items() if k not in _VALIDATION_ONLY}
+    for lower in ("minimum", "exclusiveMinimum"):
+        if shown.get(lower) in _OBVIOUS_MINIMUM:
+            del shown[lower]
+    if shown.get("maximum", 0) >= _UNREACHED_MAXIMUM:
+        del shown["maximum"]
+    if isinstance(shown.get("items"), dict):
+        shown["items"] = _for_the_model(shown["items"])
+    return shown
 
 
 def _out_of_memory(error: RuntimeError) -> bool:

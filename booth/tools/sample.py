@@ -17,37 +17,31 @@ from booth.tools.workspace import NAME_PATTERN
 @tool
 def sample(
     ctx: ToolContext,
-    prompts: Annotated[list[str], Param("Prompts to render, e.g. 'a photo of sks dog on the "
-                                        "moon' (use the run's identifier for the subject)",
+    prompts: Annotated[list[str], Param("With the identifier, e.g. 'a photo of sks dog on "
+                                        "the moon'",
                                         min_items=1, max_items=16, min_length=1,
                                         max_length=1000, pattern=NOT_BLANK)],
-    run: Annotated[str | None, Param("Trained run to sample from (default: the base model)",
+    run: Annotated[str | None, Param("Trained run (default: the base model)",
                                      pattern=NAME_PATTERN)] = None,
-    checkpoint: Annotated[str | None, Param("'latest', 'checkpoint-<step>' or '<step>' of the "
-                                            "run (default: its final model)",
+    checkpoint: Annotated[str | None, Param("'latest' or a step, e.g. '400' (default: "
+                                            "final model)",
                                             pattern=CHECKPOINT_CHOICE)] = None,
     num_images_per_prompt: Annotated[int, Param("Images per prompt", minimum=1,
                                                 maximum=16)] = 4,
-    guidance_scale: Annotated[float, Param("Classifier-free guidance: higher follows the prompt "
-                                           "more closely", minimum=0, maximum=30)] = 7.5,
+    guidance_scale: Annotated[float, Param("Higher follows the prompt more",
+                                           minimum=0, maximum=30)] = 7.5,
     num_inference_steps: Annotated[int, Param("Denoising steps", minimum=1,
                                               maximum=200)] = DEFAULT_STEPS,
-    seed: Annotated[int, Param("Seed: the same seed gives the same images", minimum=0,
+    seed: Annotated[int, Param("Random seed", minimum=0,
                                maximum=2**32 - 1)] = 0,
-    negative_prompt: Annotated[str | None, Param("What the images should not show",
+    negative_prompt: Annotated[str | None, Param("What not to show",
                                                  max_length=1000)] = None,
-    height: Annotated[int | None, Param("Height in pixels, a multiple of 8 (default: the "
-                                        "model's own)", minimum=64, maximum=1024,
+    height: Annotated[int | None, Param("Pixels (default: the model's)", minimum=64, maximum=1024,
                                         multiple_of=8)] = None,
-    width: Annotated[int | None, Param("Width in pixels, a multiple of 8 (default: the "
-                                       "model's own)", minimum=64, maximum=1024,
+    width: Annotated[int | None, Param("Pixels (default: the model's)", minimum=64, maximum=1024,
                                        multiple_of=8)] = None,
 ) -> dict:
-    """Render prompts with a trained run (or the base model) and save the images and a grid.
-
-    Image j of every prompt starts from the same noise, so the grid compares prompts fairly;
-    the same seed gives the same images again.
-    """
+    """Render prompts with a trained run, one of its checkpoints, or the base model."""
     from booth.dreambooth.sampling import sample_images
 
     if checkpoint is not None and run is None:

@@ -20,21 +20,22 @@ from booth.tools.context import ToolContext
 from booth.tools.registry import Param, ToolError, tool
 from booth.tools.workspace import NAME_PATTERN, check_name
 
-# The settings the model is shown; every other TrainConfig setting (the optimizer's, the
-# instance prompt...) is still accepted from an approval edit or `booth call`.
+# The settings the model is shown: the plan's and the memory ladder's, and checkpointing_steps
+# for "go back to step 400". Every other setting (run_name, seed, LoRA rank, schedule, batch
+# size, tracker, the dataset's prompts and resolution...) keeps its default unless the user
+# sets it in an approval edit or `booth call`; hiding them keeps the fixed prefix of every
+# request small (benchmarks/prompt_tokens.py).
 MODEL_SEES = (
-    "dataset", "max_train_steps", "learning_rate", "prior_loss_weight", "class_prompt",
-    "train_text_encoder", "checkpointing_steps", "seed", "mixed_precision",
-    "gradient_checkpointing", "use_lora", "lora_rank", "run_name", "base_model", "resolution",
-    "train_batch_size", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
-    "use_8bit_adam", "checkpoints_total_limit", "random_flip", "report_to",
+    "dataset", "max_train_steps", "learning_rate", "prior_loss_weight", "train_text_encoder",
+    "checkpointing_steps", "mixed_precision", "gradient_checkpointing", "use_8bit_adam",
+    "use_lora",
 )
 
 
 @tool(settings=TrainConfig, model_sees=MODEL_SEES)
 def train(
     ctx: ToolContext,
-    dataset: Annotated[str, Param("Name of a dataset made by prepare_dataset",
+    dataset: Annotated[str, Param("A dataset from prepare_dataset",
                                   pattern=NAME_PATTERN)],
     max_train_steps: Annotated[int, setting(TrainConfig, "max_train_steps")],
     learning_rate: Annotated[float, setting(TrainConfig, "learning_rate")],
@@ -51,12 +52,8 @@ def train(
         "contain the dataset's identifier", default_note="the dataset's")] = None,
     **settings: Any,
 ) -> dict:
-    """Fine-tune Stable Diffusion on a prepared dataset with DreamBooth (prior preservation).
-
-    Needs class images from generate_priors unless prior_loss_weight is 0. Saves resumable
-    checkpoints every checkpointing_steps and, at the end, a model that `sample` can use.
-    Ctrl-C stops at a checkpoint; continue with resume_checkpoint.
-    """
+    """DreamBooth fine-tuning on a prepared dataset; needs generate_priors first unless
+    prior_loss_weight is 0."""
     from booth.dreambooth import trainer
 
     manifest, dataset_dir = _manifest(ctx, dataset)
@@ -85,18 +82,14 @@ def train(
 @tool
 def resume_checkpoint(
     ctx: ToolContext,
-    run: Annotated[str, Param("Name of an existing training run", pattern=NAME_PATTERN)],
-    checkpoint: Annotated[str, Param("'latest', 'checkpoint-<step>' or '<step>'",
+    run: Annotated[str, Param("An existing run", pattern=NAME_PATTERN)],
+    checkpoint: Annotated[str, Param("'latest' or a step, e.g. '400'",
                                      pattern=CHECKPOINT_CHOICE)] = "latest",
     max_train_steps: Annotated[int | None, setting(
-        TrainConfig, "max_train_steps", "New total number of steps, to train further than the "
-        "run was set to")] = None,
+        TrainConfig, "max_train_steps", "New total steps, to train further")] = None,
 ) -> dict:
-    """Continue a stopped training run from a checkpoint, exactly as if it had never stopped.
-
-    With a larger max_train_steps it also extends a finished run. Checkpoints and metrics
-    after the chosen checkpoint are replaced by the continued training.
-    """
+    """Continue a run from a checkpoint as if it never stopped (later checkpoints are
+    replaced); a larger max_train_steps extends it."""
     from booth.dreambooth import trainer
     from booth.dreambooth.config import load_config
 

@@ -1,0 +1,423 @@
+"""`booth doctor`: one command to run when something is off. Each line is a check, what it
+found, and what to do about it.
+
+The endpoint is probed the way `booth chat` calls it: booth's real tools offered, no forced
+tool_choice (vLLM answers a forced choice through guided decoding even with its tool parser
+off, so a forced probe would pass on the very misconfiguration it must catch), and the reply
+read from the raw body. Only a structured `tool_calls` entry passes; a call written into the
+text is what a server without its tool parser sends, and the check names the flag. No tool
+is ever run. The base model is checked on disk only: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from booth.commands import chat as chat_command
+from booth.commands.options import fail, tool_context
+
+app = typer.Typer()
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+_MARK = {OK: "✓", WARN: "!", FAIL: "✗"}
+PROBE = "Call sample with prompts ['a photo of a dog']. Do not answer in text."
+PROBE_TIMEOUT = 60.0  # seconds: a short call from a loaded model takes a few
+PROBE_TOKENS = 200
+# How to make each server parse Mistral's tool calls (FIELD-NOTES, the servers' docs).
+TOOL_PARSER_FIX = {
+    "vllm": "restart vLLM with --tool-call-parser mistral --enable-auto-tool-choice",
+    "llamacpp": "restart llama-server with --jinja",
+    "ollama": "use a model whose Ollama template handles tools (ollama show --template "
+              "<model>), or serve it with vLLM",
+    "mistral": "Mistral's API parses calls itself: check --base-url and --model",
+}
+_MODEL_PARTS = ("unet", "vae", "text_encoder")  # each needs config.json and weights
+_OTHER_PARTS = {"tokenizer": "*", "scheduler": "scheduler_config.json"}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        fix = f" -> {self.fix}" if self.fix else ""
+        return f"{_MARK[self.status]} {self.name}: {self.detail}{fix}"
+
+
+def _chat_options(*names: str) -> list[inspect.Parameter]:
+    """chat's own option declarations (the Endpoint panel, and `names`), so that doctor is
+    reached exactly as chat is, with one definition of each option."""
+    wanted = []
+    for parameter in inspect.signature(chat_command.chat, eval_str=True).parameters.values():
+        info = next(iter(getattr(parameter.annotation, "__metadata__", ())), None)
+        panel = getattr(info, "rich_help_panel", None)
+        if panel == chat_command._ENDPOINT or parameter.name in names:
+            wanted.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    return wanted
+
+
+_ENDPOINT_OPTIONS = _chat_options("no_stream")
+
+
+def with_endpoint_options(command):
+    """`command(options=...)` offered chat's endpoint options; `options` holds them as
+    `resolve_settings` takes them."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "options"]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        options = {p.name: kwargs.pop(p.name, None) for p in _ENDPOINT_OPTIONS}
+        options["stream"] = False if options.pop("no_stream") else None
+        return command(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *_ENDPOINT_OPTIONS])
+    wrapper.__annotations__ = {**{p.name: p.annotation for p in own + _ENDPOINT_OPTIONS}}
+    return wrapper
+
+
+_HELP = (
+    "Check Python, torch and the GPU, the endpoint's tool calling, the base model and the "
+    "disk, and say what to do about each problem.\n\n"
+    "The endpoint check costs one short chat request with booth's tools (two when streaming: "
+    "one plain, one streamed); no tool is run and nothing is downloaded.\n\n"
+    "Exits 1 when a check that blocks training or chatting fails (endpoint unreachable, tool "
+    "calls not parsed by the server, base model unusable); a missing GPU is only a warning."
+)
+
+
+@app.command(help=_HELP)
+@with_endpoint_options
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as one JSON "
+                                          "object")] = False,
+    *, options: dict,
+) -> None:
+    """Run every check, print one line each (or JSON), exit 1 if a blocking one failed."""
+    checks = run_checks(tool_context(), options)
+    failed = any(check.status == FAIL for check in checks)
+    if as_json:
+        typer.echo(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]},
+                              ensure_ascii=False, indent=2))
+    else:
+        for check in checks:
+            typer.echo(check.line())
+    if failed:
+        raise typer.Exit(1)
+
+
+def run_checks(ctx, options: dict) -> list[Check]:
+    from booth.agent.model import EndpointError
+    from booth.agent.settings import resolve_settings
+
+    try:  # a usage error (an unknown provider, no key for Mistral's API) before any check
+        settings = resolve_settings(**options)
+    except EndpointError as error:
+        raise fail(str(error), 2) from None
+    checks = [_python(), *_machine(), *_endpoint(settings)]
+    base = _base_model(ctx.base_model)
+    checks += [base.check, _disk(ctx.workspace.root, base.weights)]
+    return checks
+
+
+# --- Python, torch, GPU, libraries -----------------------------------------------------------
+
+
+def _python() -> Check:
+    # booth does not install on an older Python than it needs: this says which one runs it.
+    return Check("python", OK, f"{'.'.join(map(str, sys.version_info[:3]))} ({sys.executable})")
+
+
+def _machine() -> list[Check]:
+    try:
+        import torch
+    except ImportError:
+        return [Check("torch", FAIL, "not installed", "install the torch wheel for your "
+                      "machine (https://pytorch.org/get-started/locally/)")]
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+    checks = [Check("torch", OK, f"{torch.__version__} ({build})")]
+    if not torch.cuda.is_available():
+        fix = ("install a CUDA build of torch" if not torch.version.cuda
+               else "check the NVIDIA driver (nvidia-smi)")
+        checks.append(Check("gpu", WARN, "no CUDA GPU: training runs on the CPU, slowly",
+                            fix))
+    else:
+        checks += _gpu(torch)
+    return checks + _libraries(torch.cuda.is_available())
+
+
+def _gpu(torch) -> list[Check]:
+    free, total = torch.cuda.mem_get_info(0)
+    name = torch.cuda.get_device_name(0)
+    more = f" (+{torch.cuda.device_count() - 1} more)" if torch.cuda.device_count() > 1 else ""
+    memory = f"{total / 2**30:.1f} GB, {free / 2**30:.1f} GB free"
+    fix = "" if free >= 8 * 2**30 else ("under 8 GB free: train with use_lora=true, or close "
+                                        "what else uses the GPU (nvidia-smi)")
+    checks = [Check("gpu", WARN if fix else OK, f"{name}{more}, {memory}", fix)]
+    if torch.cuda.is_bf16_supported():
+        checks.append(Check("bf16", OK, "supported: mixed_precision 'bf16' works"))
+    else:
+        checks.append(Check("bf16", WARN, "not supported on this GPU",
+                            "use mixed_precision 'fp16'"))
+    return checks
+
+
+def _libraries(cuda: bool) -> list[Check]:
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("diffusers", "transformers", "peft", "accelerate"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    missing = [name for name, v in found.items() if v is None]
+    listed = ", ".join(f"{name} {v}" for name, v in found.items() if v)
+    checks = [Check("libraries", FAIL, f"{', '.join(missing)} not installed ({listed})",
+                    f"pip install {' '.join(missing)}") if missing
+              else Check("libraries", OK, listed)]
+    if found["peft"] and found["transformers"]:
+        from booth.dreambooth.models import text_encoder_lora_problem
+
+        problem = text_encoder_lora_problem()
+        checks.append(Check("lora", WARN, problem, "upgrade peft, or train LoRA without the "
+                            "text encoder (train_text_encoder=false)") if problem
+                      else Check("lora", OK, "text-encoder LoRA works with these versions"))
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        checks.append(Check("8-bit adam", OK, "bitsandbytes installed"))
+    elif cuda:
+        checks.append(Check("8-bit adam", WARN, "bitsandbytes not installed: use_8bit_adam "
+                            "falls back to plain AdamW", "pip install bitsandbytes"))
+    return checks
+
+
+# --- the endpoint ----------------------------------------------------------------------------
+
+
+def _endpoint(settings) -> list[Check]:
+    import openai
+
+    from booth.agent.settings import safe_url
+
+    url = safe_url(settings.base_url)
+    client = openai.OpenAI(base_url=url, api_key=settings.api_key, max_retries=0,
+                           timeout=openai.Timeout(min(settings.timeout, PROBE_TIMEOUT),
+                                                  connect=settings.connect_timeout))
+    served = _models(client, settings, url)
+    if served.status == FAIL:  # a probe could only fail the same way
+        return [served]
+    plain = _probe(client, settings, stream=False)
+    if not settings.stream:
+        return [served, plain]
+    streamed = _probe(client, settings, stream=True)
+    if plain.status == OK and streamed.status == FAIL:  # vLLM #20028: streamed calls broke
+        streamed.fix = " ".join([streamed.fix, "(until then, chat with --no-stream)"]).strip()
+    return [served, plain, streamed]
+
+
+def _models(client, settings, url: str) -> Check:
+    from booth.agent.settings import PRESETS
+
+    try:
+        served = [model.id for model in client.models.list().data]
+    except Exception as error:  # the network and the SDK: any failure is the finding
+        hint = PRESETS.get(settings.provider, PRESETS["vllm"]).start_hint
+        return Check("endpoint", FAIL, f"nothing usable answers at {url}: "
+                     f"{_why(error)}", f"start the server ({hint}), or pass --base-url or "
+                     "--provider")
+    if settings.model in served or not served:
+        return Check("endpoint", OK, f"{url} serves {settings.model}")
+    if settings.provider == "llamacpp":  # it answers with whatever GGUF it loaded
+        return Check("endpoint", OK, f"{url} serves {', '.join(served[:3])}")
+    return Check("endpoint", FAIL, f"{url} does not serve {settings.model!r} (it "
+                 f"serves {', '.join(served[:5])})", "choose one with --model or BOOTH_MODEL")
+
+
+def _probe(client, settings, stream: bool) -> Check:
+    """One real request with booth's tools: it passes only when a structured call comes back."""
+    from booth.agent import reply, wire
+    from booth.tools import TOOLS
+
+    name = "tool calls (streamed)" if stream else "tool calls"
+    tools = [tool.openai_spec() for tool in TOOLS.values()]
+    messages = [{"role": "user", "content": PROBE}]
+    wire.check_request(messages, tools, settings.model)
+    request = {"model": settings.model, "messages": messages, "tools": tools,
+               **settings.sampling(), "max_tokens": PROBE_TOKENS}
+    create = client.chat.completions.with_streaming_response.create
+    try:
+        if stream:
+            with create(**request, stream=True) as response:
+                stream_reader = reply.StreamReader()
+                for _ in stream_reader.read(response.iter_bytes()):
+                    pass
+                turn = stream_reader.turn()
+        else:
+            with create(**request) as response:
+                turn = reply.turn_from_body(response.read())
+    except Exception as error:  # the network, the SDK, a broken reply: the finding
+        return Check(name, FAIL, f"the probe failed: {_why(error)}")
+    return _judge(name, turn, settings.provider)
+
+
+def _judge(name: str, turn, provider: str) -> Check:
+    fix = TOOL_PARSER_FIX.get(provider, TOOL_PARSER_FIX["vllm"])
+    if turn.tool_calls:
+        called = ", ".join(f"{c.name}({c.arguments})" for c in turn.tool_calls)
+        return Check(name, OK, f"structured call: {_cut(called)}")
+    if _written_as_text(turn.content):
+        return Check(name, FAIL, f"the call came back as text, not parsed by the server: "
+                     f"{_cut(turn.content)!r}", fix)
+    answered = f"the model answered {_cut(turn.content)!r}" if turn.content.strip() else (
+        "an empty answer")
+    return Check(name, FAIL, f"no tool call came back ({answered}); the server may not pass "
+                 "the tools on", fix)
+
+
+def _written_as_text(content: str) -> bool:
+    """A call the server left in the text: Mistral's [TOOL_CALLS] marker, or JSON naming a
+    tool of booth's."""
+    from booth.tools import TOOLS
+
+    text = content.strip()
+    if "[TOOL_CALLS]" in text:
+        return True
+    return text[:1] in "[{" and any(f'"{name}"' in text for name in TOOLS)
+
+
+def _why(error: BaseException) -> str:
+    """The error in a line, with its root cause ("Connection error. (Connection refused)")."""
+    status = getattr(error, "status_code", None)
+    text = " ".join(str(error).split()) or type(error).__name__
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if root is not error and str(root):
+        text += f" ({' '.join(str(root).split())})"
+    return _cut(f"HTTP {status}: {text}" if status else text)
+
+
+def _cut(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- the base model and the disk -------------------------------------------------------------
+
+
+@dataclass
+class _Base:
+    check: Check
+    weights: dict[str, int]  # bytes of weights per component, when the model is usable
+
+
+def _base_model(base_model: str) -> _Base:
+    from booth.dreambooth.errors import UserError
+    from booth.dreambooth.loading import resolve_base_model
+
+    try:
+        source = resolve_base_model(base_model)
+    except UserError as error:
+        return _Base(Check("base model", FAIL, str(error), "pass --base-model"), {})
+    folder = Path(source)
+    where = "local folder"
+    if not folder.is_dir():
+        folder, where = _hub_snapshot(source), "hub cache"
+        if folder is None:  # the first run downloads it: not blocking, unless offline
+            return _Base(Check("base model", WARN, f"{source} is not in the hub cache: the "
+                               "first run downloads it (about 4 GB), offline it cannot load",
+                               f"huggingface-cli download {source}, or pass a local folder "
+                               "with --base-model"), {})
+    problems, weights = _pipeline_parts(folder)
+    if problems:
+        return _Base(Check("base model", FAIL, f"{source} ({where}) cannot be loaded: "
+                           f"{'; '.join(problems)}", "pass a complete diffusers SD-1.x "
+                           "folder or hub id with --base-model"), {})
+    size = sum(weights.values())
+    return _Base(Check("base model", OK, f"{source} ({where}, {_size(size)} of weights)"),
+                 weights)
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "model_index.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _pipeline_parts(folder: Path) -> tuple[list[str], dict[str, int]]:
+    """What keeps `folder` from loading as an SD pipeline offline, and each component's weight
+    bytes. The files are looked at, not loaded: a 4 GB model would take a while."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return [f"model_index.json unreadable ({error})"], {}
+    if not isinstance(index, dict):
+        return ["model_index.json holds no mapping"], {}
+    problems, weights = [], {}
+    for part in _MODEL_PARTS:
+        files = _weight_files(folder / part)
+        if part not in index or not (folder / part / "config.json").is_file():
+            problems.append(f"no {part}/ with a config.json")
+        elif not files:
+            problems.append(f"no weights in {part}/ (*.safetensors or *.bin)")
+        else:
+            weights[part] = sum(f.stat().st_size for f in files)
+    for part, pattern in _OTHER_PARTS.items():
+        if part not in index or not any((folder / part).glob(pattern)):
+            problems.append(f"no {part}/")
+    return problems, weights
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weights from_pretrained would read: safetensors first, full precision first; a
+    link into the hub cache whose blob is missing does not count."""
+    for suffix in (".safetensors", ".bin"):
+        files = [f for f in folder.glob(f"*{suffix}") if f.is_file()]
+        full = [f for f in files if ".fp16." not in f.name]
+        if full or files:
+            return full or files
+    return []
+
+
+# A default run (TrainConfig: 400 steps, a checkpoint every 200) writes two checkpoints of the
+# trained weights with AdamW's two moments (3x those weights) and a final pipeline.
+_DEFAULT_CHECKPOINTS = 2
+_CHECKPOINT_FACTOR = 3
+
+
+def _disk(root: Path, weights: dict[str, int]) -> Check:
+    where = root
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if not weights:
+        return Check("disk", OK, f"{_size(free)} free at {where} (no estimate without a "
+                     "usable base model)")
+    trained = weights.get("unet", 0) + weights.get("text_encoder", 0)
+    need = _DEFAULT_CHECKPOINTS * _CHECKPOINT_FACTOR * trained + sum(weights.values())
+    detail = (f"{_size(free)} free at {where}; a default run writes about {_size(need)} "
+              f"({_DEFAULT_CHECKPOINTS} checkpoints and the final model)")
+    if free < need:
+        return Check("disk", FAIL, detail, "free some space, set checkpoints_total_limit=1, "
+                     "or train with use_lora=true (small checkpoints)")
+    return Check("disk", OK, detail)
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20)):
+        if count >= scale / 10:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 2**10:.0f} KB"
