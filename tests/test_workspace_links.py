@@ -155,29 +155,43 @@ def test_resume_refuses_a_link_inside_the_run(ctx, outside, entry):
 PRIORS = {"class_prompt": "a photo of a dog", "num_images": 2, "resolution": 64}
 
 
+@pytest.fixture
+def priors_ctx(workspace, tiny_model):
+    """A real local model whose pipeline never loads: a first call claims the prior folder and
+    fails, so the tests learn its name without generating anything."""
+    from booth.dreambooth.errors import ModelLoadError
+
+    def refuse(base_model):
+        raise ModelLoadError("no pipeline in this test")
+
+    ctx = ToolContext.from_options(workspace=workspace, base_model=tiny_model,
+                                   console=Console(file=io.StringIO()))
+    ctx.load_pipeline = refuse
+    return ctx
+
+
 def _prior_folder(ctx) -> Path:
-    """The folder generate_priors uses for PRIORS: found by a first call, which claims it and
-    then fails to load its model (a hub id, offline)."""
-    with pytest.raises(ToolError):
+    """The folder generate_priors uses for PRIORS (see priors_ctx)."""
+    with pytest.raises(ToolError, match="no pipeline in this test"):
         get_tool("generate_priors").run(ctx, PRIORS)
     [name] = ctx.workspace.names("priors")
     return ctx.workspace.root / "priors" / name
 
 
 @pytest.mark.parametrize("dangling", [False, True], ids=["outward", "dangling"])
-def test_generate_priors_refuses_a_linked_prior_set(ctx, outside, dangling):
+def test_generate_priors_refuses_a_linked_prior_set(priors_ctx, outside, dangling):
     import shutil
 
-    folder = _prior_folder(ctx)
+    folder = _prior_folder(priors_ctx)
     shutil.rmtree(folder)
     folder.symlink_to(outside / "gone" if dangling else outside, target_is_directory=True)
-    _refused(ctx, outside, "generate_priors", PRIORS, f"priors/{folder.name}")
+    _refused(priors_ctx, outside, "generate_priors", PRIORS, f"priors/{folder.name}")
 
 
-def test_generate_priors_refuses_an_image_linked_outside(ctx, outside):
-    folder = _prior_folder(ctx)
+def test_generate_priors_refuses_an_image_linked_outside(priors_ctx, outside):
+    folder = _prior_folder(priors_ctx)
     (folder / "0002.png").symlink_to(outside / "canary.txt")
-    _refused(ctx, outside, "generate_priors", PRIORS, f"priors/{folder.name}/0002.png")
+    _refused(priors_ctx, outside, "generate_priors", PRIORS, f"priors/{folder.name}/0002.png")
 
 
 @pytest.mark.parametrize("dangling", [False, True], ids=["outward", "dangling"])

@@ -32,14 +32,6 @@ _MARK = {OK: "✓", WARN: "!", FAIL: "✗"}
 PROBE = "Call sample with prompts ['a photo of a dog']. Do not answer in text."
 PROBE_TIMEOUT = 60.0  # seconds: a short call from a loaded model takes a few
 PROBE_TOKENS = 200
-# How to make each server parse Mistral's tool calls (FIELD-NOTES, the servers' docs).
-TOOL_PARSER_FIX = {
-    "vllm": "restart vLLM with --tool-call-parser mistral --enable-auto-tool-choice",
-    "llamacpp": "restart llama-server with --jinja",
-    "ollama": "use a model whose Ollama template handles tools (ollama show --template "
-              "<model>), or serve it with vLLM",
-    "mistral": "Mistral's API parses calls itself: check --base-url and --model",
-}
 _MODEL_PARTS = ("unet", "vae", "text_encoder")  # each needs config.json and weights
 _OTHER_PARTS = {"tokenizer": "*", "scheduler": "scheduler_config.json"}
 
@@ -274,7 +266,11 @@ def _probe(client, settings, stream: bool) -> Check:
 
 
 def _judge(name: str, turn, provider: str) -> Check:
-    fix = TOOL_PARSER_FIX.get(provider, TOOL_PARSER_FIX["vllm"])
+    from booth.agent.servers import TEXT_CALL_FIXES
+
+    fix = TEXT_CALL_FIXES.get(provider, TEXT_CALL_FIXES["vllm"])
+    if provider == "mistral":
+        fix = "Mistral's API parses calls itself: check --base-url and --model"
     if turn.tool_calls:
         called = ", ".join(f"{c.name}({c.arguments})" for c in turn.tool_calls)
         return Check(name, OK, f"structured call: {_cut(called)}")
@@ -288,14 +284,11 @@ def _judge(name: str, turn, provider: str) -> Check:
 
 
 def _written_as_text(content: str) -> bool:
-    """A call the server left in the text: Mistral's [TOOL_CALLS] marker, or JSON naming a
-    tool of booth's."""
+    """A call the server left in the text, in any of the forms chat would read it in."""
+    from booth.agent.text_calls import find_calls
     from booth.tools import TOOLS
 
-    text = content.strip()
-    if "[TOOL_CALLS]" in text:
-        return True
-    return text[:1] in "[{" and any(f'"{name}"' in text for name in TOOLS)
+    return find_calls(content, TOOLS) is not None
 
 
 def _why(error: BaseException) -> str:
