@@ -64,6 +64,10 @@ def arguments_table(arguments: dict, defaults: dict | None = None,
     return table
 
 
+# Messages are printed soft-wrapped: the terminal wraps them, so a path in one stays whole
+# when copied (rich would break it at its own width).
+
+
 class ChatUI:
     """Everything the user sees of the agent, printed through one rich console."""
 
@@ -103,7 +107,7 @@ class ChatUI:
                 return
             if lasting:
                 self.end_text()
-                self.console.print(f"[yellow]{escape(text)}[/]", highlight=False)
+                self.console.print(f"[yellow]{escape(text)}[/]", highlight=False, soft_wrap=True)
             elif self.console.is_terminal:
                 if self._status is None:
                     self._status = self.console.status(escape(text))
@@ -116,7 +120,7 @@ class ChatUI:
                         _PIPE_STATUS_EVERY:
                     self._status_printed = now
                     self.end_text()
-                    self.console.print(f"[dim]{escape(text)}[/]", highlight=False)
+                    self.console.print(f"[dim]{escape(text)}[/]", highlight=False, soft_wrap=True)
 
     # -- assistant text -------------------------------------------------------------------
     def text(self, chunk: str) -> None:
@@ -175,7 +179,8 @@ class ChatUI:
         self.console.print(markup, highlight=False, no_wrap=True, overflow="ellipsis")
 
     def tool_error(self, name: str, message: str) -> None:
-        self.console.print(f"[red]✗ {escape(name)}: {escape(message)}[/]", highlight=False)
+        self.console.print(f"[red]✗ {escape(name)}: {escape(message)}[/]", highlight=False,
+                           soft_wrap=True)
 
     def invalid_call(self, name: str, message: str) -> None:
         """A call that failed validation: nothing ran; the model is told why."""
@@ -183,21 +188,23 @@ class ChatUI:
         self.console.print(
             f"[red]✗ invalid call to {escape(name or '(no name)')}: {escape(message)}[/] "
             "[dim](nothing ran; the model was told)[/]",
-            highlight=False,
+            highlight=False, soft_wrap=True,
         )
 
     def refused(self, name: str, reason: str | None) -> None:
         extra = f": {escape(reason)}" if reason else ""
-        self.console.print(f"[yellow]refused {escape(name)}{extra}[/]", highlight=False)
+        self.console.print(f"[yellow]refused {escape(name)}{extra}[/]", highlight=False,
+                           soft_wrap=True)
 
     # -- the session ----------------------------------------------------------------------
     def error(self, message: str) -> None:
         self.end_text()
-        self.errors.print(f"[bold red]error:[/] [red]{escape(message)}[/]", highlight=False)
+        self.errors.print(f"[bold red]error:[/] [red]{escape(message)}[/]", highlight=False,
+                          soft_wrap=True)
 
     def notice(self, message: str) -> None:
         self.end_text()
-        self.console.print(f"[yellow]{escape(message)}[/]", highlight=False)
+        self.console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
 
     def info(self, message: str) -> None:
-        self.console.print(f"[dim]{escape(message)}[/]", highlight=False)
+        self.console.print(f"[dim]{escape(message)}[/]", highlight=False, soft_wrap=True)
