@@ -8,7 +8,14 @@ from typing import Annotated
 import pytest
 from rich.console import Console
 
-from booth.agent.approval import NO_TERMINAL, AskUser, AutoApprove, RefuseAll, parse_edit
+from booth.agent.approval import (
+    NO_TERMINAL,
+    AskUser,
+    AutoApprove,
+    RefuseAll,
+    parse_edit,
+    show_call,
+)
 from booth.tools.registry import Param, ToolArgumentError, tool
 
 
@@ -167,3 +174,18 @@ def test_result_lines_keep_hints_and_paths_whole_and_a_stopped_tool_says_where()
                              "checkpoints": ["checkpoint-10", "checkpoint-14"]}, 2.0)
     assert "train stopped at step 14 (checkpoint-14)" in out.getvalue()
     assert "done" not in out.getvalue()
+
+
+def test_settings_the_model_is_not_shown_appear_in_the_panel_only_when_changed():
+    from booth.agent.ui import ChatUI
+    from booth.tools import get_tool
+
+    train = get_tool("train")
+    out = io.StringIO()
+    ui = ChatUI(Console(file=out, width=120))
+    arguments = train.validate({"dataset": "rex", "max_train_steps": 10, "learning_rate": 1e-5,
+                                "max_grad_norm": 0.5})
+    show_call(ui, train, arguments, None)
+    shown = " ".join(out.getvalue().split())
+    assert "max_grad_norm" in shown and "0.5" in shown  # changed: named
+    assert "adam_beta1" not in shown and "more settings" in shown  # at its default: counted

@@ -72,9 +72,12 @@ def _courtesy(estimate, ctx, arguments: dict):
 
 def show_call(ui: ChatUI, tool, arguments: dict, cost: str | None,
               title: str = "tool call") -> None:
-    """The call's panel, its arguments in the schema's order with defaults marked."""
+    """The call's panel, its arguments in the schema's order with defaults marked; settings
+    the model is not shown appear only when they differ from their defaults."""
     order = list(tool.parameters.get("properties", {}))
-    ui.tool_call(tool.name, arguments, tool.defaults, cost, title=title, order=order)
+    quiet = set(order) - set(tool.model_sees)
+    ui.tool_call(tool.name, arguments, tool.defaults, cost, title=title, order=order,
+                 quiet=quiet)
 
 
 class AutoApprove:

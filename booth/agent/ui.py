@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Collection
 from typing import Any
 
 from rich.console import Console, Group
@@ -42,21 +43,28 @@ def _headline(name: str, result: Any, seconds: float) -> str:
 
 
 def arguments_table(arguments: dict, defaults: dict | None = None,
-                    order: list[str] | None = None) -> Table:
+                    order: list[str] | None = None, quiet: Collection[str] = ()) -> Table:
     """The arguments of a call: what the model chose, one per row, then the values left at
-    the tool's defaults folded into one dim row (train has a dozen of them)."""
+    the tool's defaults folded into one dim row (train has a dozen of them). Of the `quiet`
+    ones (settings the model is not shown) only those that differ from their default are
+    named; the others are counted."""
     defaults = defaults or {}
     if order:  # the schema's order reads better than defaults-first
         arguments = {**{k: arguments[k] for k in order if k in arguments}, **arguments}
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("argument", style="cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
-    left_at_default = []
+    left_at_default, unnamed = [], 0
     for key, value in arguments.items():
         if key in defaults and defaults[key] == value:
-            left_at_default.append(f"{key} {_short(value, 40)}")
+            if key in quiet:
+                unnamed += 1
+            else:
+                left_at_default.append(f"{key} {_short(value, 40)}")
         else:
             table.add_row(key, _short(value, 200))
+    if unnamed:
+        left_at_default.append(f"and {unnamed} more settings")
     if left_at_default:
         table.add_row("defaults", Text(" · ".join(left_at_default), style="dim"))
     if not arguments:
@@ -139,11 +147,11 @@ class ChatUI:
     # -- tool calls -----------------------------------------------------------------------
     def tool_call(self, name: str, arguments: dict, defaults: dict | None = None,
                   cost: str | None = None, title: str = "tool call",
-                  order: list[str] | None = None) -> None:
+                  order: list[str] | None = None, quiet: Collection[str] = ()) -> None:
         """The call about to be approved or run: tool name, arguments table (in the schema's
-        `order`, defaults marked), cost line."""
+        `order`, defaults marked, `quiet` defaults counted), cost line."""
         self.end_text()
-        parts: list[Any] = [arguments_table(arguments, defaults, order)]
+        parts: list[Any] = [arguments_table(arguments, defaults, order, quiet)]
         if cost:
             parts.append(Text(f"cost: {cost}", style="yellow"))
         self.console.print(
