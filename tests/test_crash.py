@@ -183,3 +183,18 @@ def test_resuming_with_another_cpu_thread_count_says_it_will_not_be_exact(killed
     said = out.getvalue()
     assert f"trained with {recorded['cpu_threads'] + 3} CPU threads" in said
     assert "not bit-identical" in said and f"BOOTH_THREADS={recorded['cpu_threads'] + 3}" in said
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_sighup_stops_training_at_a_fresh_checkpoint_like_sigterm(
+        tmp_path, tiny_model):
+    make_workspace(tmp_path)
+    run_dir = tmp_path / "runs" / "long"
+    child = booth(tmp_path, tiny_model, "call", "train", *TRAIN_LONG)
+    wait_for(child, lambda: metric_lines(run_dir) >= 3, "three logged steps")
+    child.send_signal(signal.SIGHUP)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 129, err[-2000:]
+    result = json.loads(out)
+    assert result["checkpoints"] == [f"checkpoint-{result['steps']}"]
+    assert "terminated (SIGHUP)" in " ".join(err.split())

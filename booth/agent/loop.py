@@ -50,6 +50,12 @@ class TurnLimit(AgentStop):
     pass
 
 
+def _signal_name(exit_code: int) -> str:
+    import signal
+
+    return signal.Signals(exit_code - 128).name
+
+
 class SessionEnded(Exception):
     """The user ended the session at a prompt (Ctrl-D, end of input); nothing is wrong."""
 
@@ -162,9 +168,10 @@ class Session:
             self._answer_unanswered("the user ended the session")
             self._record("interrupted", text="the user ended the session (Ctrl-D)")
             raise SessionEnded from None
-        except Terminated:
-            self._answer_unanswered("booth was terminated (SIGTERM) before it ran")
-            self._record("interrupted", text="terminated (SIGTERM): the session ends")
+        except Terminated as ending:
+            name = _signal_name(ending.exit_code)
+            self._answer_unanswered(f"booth was terminated ({name}) before it ran")
+            self._record("interrupted", text=f"terminated ({name}): the session ends")
             raise
         except KeyboardInterrupt:  # Ctrl-C outside a tool, e.g. while the model was answering
             self._answer_unanswered("the user interrupted")
@@ -283,11 +290,12 @@ class Session:
         stopped, terminated = self.ctx.stop_requested.is_set(), self.ctx.terminated.is_set()
         if stopped:
             self.ctx.stop_requested.clear()
-            who = "booth was terminated (SIGTERM)" if terminated else "The user pressed Ctrl-C"
+            ending = _signal_name(self.ctx.exit_code)
+            who = f"booth was terminated ({ending})" if terminated else "The user pressed Ctrl-C"
             text = f"{who} while the tool ran, asking it to stop at a safe point; its result: " \
                 + text
             self._record("interrupted", call_id=call_id,
-                         text=f"{'SIGTERM' if terminated else 'Ctrl-C'}: tool asked to stop")
+                         text=f"{ending if terminated else 'Ctrl-C'}: tool asked to stop")
         if edited:  # the history holds the model's arguments: say what really ran
             changed = json.dumps(arguments, ensure_ascii=False, default=str)
             text = f"The user edited the arguments before running; it ran with {changed}. " + text
@@ -296,7 +304,7 @@ class Session:
         if self.on_result:
             self.on_result(event)
         if terminated:
-            raise Terminated
+            raise Terminated(self.ctx.exit_code - 128)
         if stopped:
             raise UserStopped("Stopped at a safe point, as you asked. Type what to do next "
                               "(the model will be told it stopped).")

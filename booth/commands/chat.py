@@ -5,6 +5,7 @@ Kept light at import: everything heavy is imported inside the command body.
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -108,7 +109,7 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
     from booth.agent.model import EndpointError
     from booth.agent.settings import resolve_settings
     from booth.agent.ui import ChatUI
-    from booth.tools import EXIT_TERMINATED, Terminated, terminate_raises
+    from booth.tools import Terminated, terminate_raises
 
     try:
         settings = resolve_settings(**options)
@@ -143,10 +144,11 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
     except SessionEnded:
         ui.console.print()  # end the prompt's line
         return 0
-    except Terminated:
-        fail(f"terminated (SIGTERM). The running tool stopped at a safe point (training "
+    except Terminated as ending:
+        name = signal.Signals(ending.exit_code - 128).name
+        fail(f"terminated ({name}). The running tool stopped at a safe point (training "
              f"saved a checkpoint); {resume_hint}")
-        return EXIT_TERMINATED
+        return ending.exit_code
     finally:
         session.transcript.close()
         _keep_or_drop(session, resume is not None, ui)

@@ -125,11 +125,12 @@ def call_tool(
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, every process ran it
         typer.echo(json.dumps(result, indent=2, default=str))
     if context.terminated.is_set():
-        from booth.tools import EXIT_TERMINATED
+        import signal
 
         hint = result.get("hint", "") if isinstance(result, dict) else ""
-        raise fail(f"terminated (SIGTERM): {name} stopped at a safe point. {hint}".strip(),
-                   code=EXIT_TERMINATED)
+        ending = signal.Signals(context.exit_code - 128).name
+        raise fail(f"terminated ({ending}): {name} stopped at a safe point. {hint}".strip(),
+                   code=context.exit_code)
 
 
 def _dry_run(spec, context, arguments: dict) -> None:

@@ -18,31 +18,66 @@ from booth.tools.workspace import Workspace
 
 
 class Terminated(BaseException):
-    """SIGTERM (a `kill`, a closing terminal, a job scheduler): booth is to exit (status 143)
-    once the running tool has stopped at a safe point. A BaseException, so that no
-    `except Exception` on the way can swallow it."""
+    """SIGTERM (a `kill`, a job scheduler) or SIGHUP (the terminal closed): booth is to exit,
+    with 128 + the signal's number, once the running tool has stopped at a safe point. A
+    BaseException, so that no `except Exception` on the way can swallow it."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.exit_code = 128 + signum
 
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
+# Both end booth gently; SIGHUP is missing on Windows.
+ENDING_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None),
+                                   getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+def _terminals() -> list[int]:
+    """stdout and stderr where they are a terminal. Asked before any hang-up: a terminal
+    that hung up no longer says it is one."""
+    found = []
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                found.append(fd)
+        except OSError:
+            continue
+    return found
+
+
+def _hung_up(signum: int, terminals: list[int]) -> None:
+    """After SIGHUP the terminal is gone and every write to it fails (EIO): point its file
+    descriptors at /dev/null, so the tool can still stop cleanly, save and be recorded."""
+    if signum != getattr(signal, "SIGHUP", None) or not terminals:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in terminals:
+        os.dup2(null, fd)
+    os.close(null)
 
 
 @contextmanager
 def terminate_raises() -> Iterator[None]:
-    """While a session waits (for the model, at a prompt), SIGTERM raises Terminated, so the
-    session can say where it is saved before it exits; a running tool is stopped gently by
-    `ToolContext.interruptible` instead."""
+    """While a session waits (for the model, at a prompt), SIGTERM or SIGHUP raises
+    Terminated, so the session can record its end and say where it is saved before it exits;
+    a running tool is stopped gently by `ToolContext.interruptible` instead."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_terminate(signum, frame):
-        raise Terminated
+    terminals = _terminals()
 
-    previous = signal.signal(signal.SIGTERM, on_terminate)
+    def on_terminate(signum, frame):
+        _hung_up(signum, terminals)
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, on_terminate) for sig in ENDING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _free_gpu_memory() -> float | None:
@@ -69,8 +104,10 @@ class ToolContext:
     # Set by the first Ctrl-C or by SIGTERM: long tools stop at a safe point (training saves
     # a checkpoint) and return normally, reporting that they were interrupted.
     stop_requested: threading.Event = field(default_factory=threading.Event)
-    # Set by SIGTERM as well: once the tool has stopped, booth exits (EXIT_TERMINATED).
+    # Set by SIGTERM or SIGHUP as well: once the tool has stopped, booth exits with
+    # `exit_code` (128 + the signal).
     terminated: threading.Event = field(default_factory=threading.Event)
+    exit_code: int = EXIT_TERMINATED
     # base model -> a pipeline to generate images with (class images, samples of the base
     # model). A test passes a counting or pre-built one here.
     load_pipeline: Callable[[str], Any] = _load_inference_pipeline
@@ -99,19 +136,25 @@ class ToolContext:
             yield
             return
 
+        terminals = _terminals()
+
         def on_signal(signum, frame):
+            _hung_up(signum, terminals)
             if self.stop_requested.is_set():
                 raise abort
             self.stop_requested.set()
-            if signum == signal.SIGTERM:
+            if signum in ENDING_SIGNALS:
                 self.terminated.set()
-                what = "Terminated (SIGTERM): stopping at the next safe point, then exiting"
+                self.exit_code = 128 + signum
+                what = (f"Terminated ({signal.Signals(signum).name}): stopping at the next "
+                        "safe point, then exiting")
             else:
                 what = f"Stopping at the next safe point (Ctrl-C again to {again})"
             # The tool's console draws the progress bar, so the line lands above it.
             self.console.print(f"[yellow]{what}...[/]")
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, *ENDING_SIGNALS)
+        previous = {sig: signal.signal(sig, on_signal) for sig in signals}
         try:
             yield
         finally:
