@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 _VALUE_WIDTH = 90
+_WHOLE = 400  # characters up to which a result's value is shown whole
 _PIPE_STATUS_EVERY = 15.0  # seconds between waiting lines when the console is no terminal
 
 
@@ -178,8 +179,9 @@ class ChatUI:
                 self._field(f"  [dim]{escape(key)}:[/] ", value)
 
     def _field(self, label: str, value: Any) -> None:
-        if isinstance(value, str):
-            self.console.print(label + escape(value), highlight=False, soft_wrap=True)
+        text = value if isinstance(value, str) else _short(value, _WHOLE)
+        if isinstance(value, str) or len(text) <= _WHOLE:  # hints, paths, a rejection: whole
+            self.console.print(label + escape(text), highlight=False, soft_wrap=True)
         else:
             self._line(label + escape(_short(value)))
 
