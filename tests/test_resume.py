@@ -240,7 +240,7 @@ def fail_loading_parts(run_dir: Path, monkeypatch) -> None:
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("booth.dreambooth.trainer.load_parts", out_of_memory)
+    monkeypatch.setattr("booth.dreambooth.models.load_parts", out_of_memory)
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from booth.dreambooth.config import ConfigError, TrainConfig
 
@@ -248,3 +250,86 @@ def peak_memory() -> float | None:
     import torch
 
     return float(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+@dataclass
+class Training:
+    """Everything the loop touches, prepared by accelerate."""
+
+    accelerator: Any
+    models: list  # the trained ones: [unet] or [unet, text_encoder]
+    params: list
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    dataset: Any
+    prompts: PromptEmbeddings
+    noise_scheduler: Any
+    generator: Any
+    scaling: tuple[float, float]
+
+
+def prepare(config: TrainConfig, run_dir: Path, console) -> Training:
+    """Load the parts, freeze what is not trained, cache the inputs, prepare with accelerate."""
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from torch.utils.data import DataLoader
+
+    from booth.dreambooth.checkpoints import GeneratorState, register_weight_hooks
+    from booth.dreambooth.models import add_lora, load_parts
+    from booth.dreambooth.train_data import PairedExamples, collate_pairs
+
+    accelerator = make_accelerator(config, run_dir)
+    set_seed(config.seed)
+    device, frozen_dtype = accelerator.device, weight_dtype(accelerator.mixed_precision)
+    parts = load_parts(config.base_model)
+    unet, text_encoder = parts.unet, parts.text_encoder
+    # The VAE is always frozen; the text encoder unless trained. No grads, no grad memory.
+    parts.vae.requires_grad_(False)
+    text_encoder.requires_grad_(config.train_text_encoder)
+    trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
+    if config.use_lora:
+        for model in trained:  # frozen base weights may sit in the low-precision dtype
+            model.to(device)
+            if frozen_dtype != torch.float32:
+                model.to(dtype=frozen_dtype)
+        add_lora(unet, text_encoder if config.train_text_encoder else None, config.lora_rank)
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]
+    for param in params:  # trained weights stay fp32: fp16 ones cannot be unscaled
+        param.data = param.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:  # transformers 5 renamed it; 4.x has the old name
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            (enable or text_encoder.gradient_checkpointing_enable)()
+    for model in trained:  # from_pretrained gives eval mode; transformers checkpoints
+        model.train()      # only in training mode (SD's dropout is 0: losses are the same)
+
+    # Every image through the frozen VAE once; then the VAE (and a frozen text encoder,
+    # whose two outputs are cached too) leave memory.
+    instance, classes = cache_latent_stats(parts.vae, config, device, frozen_dtype, console)
+    scaling = (parts.vae.config.scaling_factor, parts.vae.config.get("shift_factor") or 0.0)
+    prompts = PromptEmbeddings(parts.tokenizer, text_encoder, config, device, frozen_dtype)
+    dataset = PairedExamples(instance, classes, seed=config.seed)
+    loader = DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
+                        collate_fn=collate_pairs)
+
+    optimizer = make_optimizer(params, config, device, console)
+    # accelerate steps the scheduler once per process for every optimizer step.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    *models, optimizer, loader, lr_scheduler = accelerator.prepare(
+        *trained, optimizer, loader, lr_scheduler)
+    if config.train_text_encoder:
+        prompts.text_encoder = models[1]
+    register_weight_hooks(accelerator, {id(unet): "unet", id(text_encoder): "text_encoder"})
+    # All noise of the loop comes from this generator (offset per process), saved with
+    # each checkpoint: the global RNG is also drawn by DataLoader iterators.
+    generator = torch.Generator(device).manual_seed(config.seed + accelerator.process_index)
+    accelerator.register_for_checkpointing(GeneratorState(generator, accelerator))
+    return Training(accelerator, models, params, optimizer, lr_scheduler, loader, dataset,
+                     prompts, parts.noise_scheduler, generator, scaling)

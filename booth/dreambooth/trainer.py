@@ -18,15 +18,12 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from booth.dreambooth.checkpoints import (
-    GeneratorState,
     last_loss,
     list_checkpoints,
     prune_checkpoints,
     read_training_state,
-    register_weight_hooks,
     remove_if_untrained,
     resolve_checkpoint,
     save_checkpoint,
@@ -37,29 +34,24 @@ from booth.dreambooth.errors import CheckpointError, ConfigError, TrainingError
 from booth.dreambooth.models import (
     FINAL_DIR,
     LORA_DIR,
-    add_lora,
     discard_outputs_after,
     export_lora,
     export_pipeline,
     final_model_path,
-    load_parts,
     load_run_pipeline,
 )
 from booth.dreambooth.progress import training_progress
 from booth.dreambooth.setup import (
-    PromptEmbeddings,
-    cache_latent_stats,
+    Training,
     is_main_process,
-    make_accelerator,
-    make_optimizer,
     peak_memory,
+    prepare,
     process_console,
     reset_peak_memory,
     resolve_for_device,
     stop_everywhere,
     tracker_config,
     wait_for_everyone,
-    weight_dtype,
 )
 from booth.dreambooth.train_data import (
     input_changes,
@@ -180,28 +172,11 @@ def resume(run_dir: str | Path, checkpoint: str = "latest", max_train_steps: int
                 resuming=True)
 
 
-@dataclass
-class _Training:
-    """Everything the loop touches, prepared by accelerate."""
-
-    accelerator: Any
-    models: list  # the trained ones: [unet] or [unet, text_encoder]
-    params: list
-    optimizer: Any
-    lr_scheduler: Any
-    loader: Any
-    dataset: Any
-    prompts: PromptEmbeddings
-    noise_scheduler: Any
-    generator: Any
-    scaling: tuple[float, float]
-
-
 def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, should_stop,
          on_loaded: Callable[[], None] = lambda: None, resuming: bool = False) -> TrainResult:
     started = time.monotonic()
     reset_peak_memory()
-    t = _prepare(config, run_dir, console)
+    t = prepare(config, run_dir, console)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "elapsed": 0.0}
     if checkpoint is not None:
         t.accelerator.load_state(str(checkpoint))
@@ -233,71 +208,7 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, s
 
 
 
-def _prepare(config: TrainConfig, run_dir: Path, console) -> _Training:
-    """Load the parts, freeze what is not trained, cache the inputs, prepare with accelerate."""
-    import torch
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from torch.utils.data import DataLoader
-
-    from booth.dreambooth.train_data import PairedExamples, collate_pairs
-
-    accelerator = make_accelerator(config, run_dir)
-    set_seed(config.seed)
-    device, frozen_dtype = accelerator.device, weight_dtype(accelerator.mixed_precision)
-    parts = load_parts(config.base_model)
-    unet, text_encoder = parts.unet, parts.text_encoder
-    # The VAE is always frozen; the text encoder unless trained. No grads, no grad memory.
-    parts.vae.requires_grad_(False)
-    text_encoder.requires_grad_(config.train_text_encoder)
-    trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
-    if config.use_lora:
-        for model in trained:  # frozen base weights may sit in the low-precision dtype
-            model.to(device)
-            if frozen_dtype != torch.float32:
-                model.to(dtype=frozen_dtype)
-        add_lora(unet, text_encoder if config.train_text_encoder else None, config.lora_rank)
-    params = [p for model in trained for p in model.parameters() if p.requires_grad]
-    for param in params:  # trained weights stay fp32: fp16 ones cannot be unscaled
-        param.data = param.data.float()
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:  # transformers 5 renamed it; 4.x has the old name
-            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
-            (enable or text_encoder.gradient_checkpointing_enable)()
-    for model in trained:  # from_pretrained gives eval mode; transformers checkpoints
-        model.train()      # only in training mode (SD's dropout is 0: losses are the same)
-
-    # Every image through the frozen VAE once; then the VAE (and a frozen text encoder,
-    # whose two outputs are cached too) leave memory.
-    instance, classes = cache_latent_stats(parts.vae, config, device, frozen_dtype, console)
-    scaling = (parts.vae.config.scaling_factor, parts.vae.config.get("shift_factor") or 0.0)
-    prompts = PromptEmbeddings(parts.tokenizer, text_encoder, config, device, frozen_dtype)
-    dataset = PairedExamples(instance, classes, seed=config.seed)
-    loader = DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
-                        collate_fn=collate_pairs)
-
-    optimizer = make_optimizer(params, config, device, console)
-    # accelerate steps the scheduler once per process for every optimizer step.
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
-    )
-    *models, optimizer, loader, lr_scheduler = accelerator.prepare(
-        *trained, optimizer, loader, lr_scheduler)
-    if config.train_text_encoder:
-        prompts.text_encoder = models[1]
-    register_weight_hooks(accelerator, {id(unet): "unet", id(text_encoder): "text_encoder"})
-    # All noise of the loop comes from this generator (offset per process), saved with
-    # each checkpoint: the global RNG is also drawn by DataLoader iterators.
-    generator = torch.Generator(device).manual_seed(config.seed + accelerator.process_index)
-    accelerator.register_for_checkpointing(GeneratorState(generator, accelerator))
-    return _Training(accelerator, models, params, optimizer, lr_scheduler, loader, dataset,
-                     prompts, parts.noise_scheduler, generator, scaling)
-
-
-def _loop(t: _Training, config: TrainConfig, run_dir: Path, state: dict, console, should_stop,
+def _loop(t: Training, config: TrainConfig, run_dir: Path, state: dict, console, should_stop,
           saved_at: int) -> tuple[str, float | None]:
     """Train from `state` to max_train_steps; return (status, last logged loss)."""
     accelerator, loss = t.accelerator, None
@@ -347,7 +258,7 @@ def _loop(t: _Training, config: TrainConfig, run_dir: Path, state: dict, console
                     return "interrupted", loss
 
 
-def _micro_step(t: _Training, batch, config: TrainConfig, step: int):
+def _micro_step(t: Training, batch, config: TrainConfig, step: int):
     """Forward and backward of one batch; the optimizer steps when accumulation is complete."""
     import torch
 
@@ -401,7 +312,7 @@ def _metrics_row(state: dict, sums: dict, lr: float) -> dict:
     return row
 
 
-def _checkpoint(t: _Training, run_dir: Path, state: dict, config: TrainConfig,
+def _checkpoint(t: Training, run_dir: Path, state: dict, config: TrainConfig,
                 progress) -> None:
     models = ["unet", "text_encoder"][: len(t.models)]
     saved = save_checkpoint(t.accelerator, run_dir,
@@ -411,7 +322,7 @@ def _checkpoint(t: _Training, run_dir: Path, state: dict, config: TrainConfig,
         progress.console.print(f"saved {saved.name}")
 
 
-def _export(t: _Training, config: TrainConfig, run_dir: Path) -> Path:
+def _export(t: Training, config: TrainConfig, run_dir: Path) -> Path:
     """The final model: a pipeline folder, or LoRA weights, written by the main process."""
     t.accelerator.wait_for_everyone()
     unet = t.accelerator.unwrap_model(t.models[0])

@@ -58,26 +58,35 @@ def _hung_up(signum: int, terminals: list[int]) -> None:
 
 
 @contextmanager
-def terminate_raises() -> Iterator[None]:
-    """While a session waits (for the model, at a prompt), SIGTERM or SIGHUP raises
-    Terminated, so the session can record its end and say where it is saved before it exits;
-    a running tool is stopped gently by `ToolContext.interruptible` instead."""
+def _handling(signals: tuple[int, ...], handler) -> Iterator[None]:
+    """`handler(signum, terminals)` for `signals` while the block runs, the previous handlers
+    back after it. Signals reach the main thread only: elsewhere nothing is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
     terminals = _terminals()
 
-    def on_terminate(signum, frame):
+    def on_signal(signum, frame):
         _hung_up(signum, terminals)
-        raise Terminated(signum)
+        handler(signum)
 
-    previous = {sig: signal.signal(sig, on_terminate) for sig in ENDING_SIGNALS}
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def terminate_raises():
+    """While a session waits (for the model, at a prompt), SIGTERM or SIGHUP raises
+    Terminated, so the session can record its end and say where it is saved before it exits;
+    a running tool is stopped gently by `ToolContext.interruptible` instead."""
+
+    def on_terminate(signum):
+        raise Terminated(signum)
+
+    return _handling(ENDING_SIGNALS, on_terminate)
 
 
 def _free_gpu_memory() -> float | None:
@@ -125,21 +134,14 @@ class ToolContext:
             console=console or Console(stderr=True),
         )
 
-    @contextmanager
     def interruptible(self, abort: type[BaseException] = KeyboardInterrupt,
-                      again: str = "abort") -> Iterator[None]:
+                      again: str = "abort"):
         """While a tool runs: the first Ctrl-C sets `stop_requested` (the tool stops at a safe
-        point and returns), the second raises `abort`. SIGTERM stops the tool the same way
-        and sets `terminated`, for the caller to exit once the tool has returned; a second
-        signal of either kind raises `abort`. Signals reach the main thread only."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        point and returns), the second raises `abort`. SIGTERM and SIGHUP stop the tool the
+        same way and set `terminated`, for the caller to exit once the tool has returned; a
+        second signal of any kind raises `abort`."""
 
-        terminals = _terminals()
-
-        def on_signal(signum, frame):
-            _hung_up(signum, terminals)
+        def on_signal(signum):
             if self.stop_requested.is_set():
                 raise abort
             self.stop_requested.set()
@@ -153,13 +155,7 @@ class ToolContext:
             # The tool's console draws the progress bar, so the line lands above it.
             self.console.print(f"[yellow]{what}...[/]")
 
-        signals = (signal.SIGINT, *ENDING_SIGNALS)
-        previous = {sig: signal.signal(sig, on_signal) for sig in signals}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return _handling((signal.SIGINT, *ENDING_SIGNALS), on_signal)
 
 
 def absolute_if_local(base_model: str) -> str:
