@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import re
@@ -37,6 +38,7 @@ _JSON_NAMES = {
 _ARRAY_KEYS = {"minItems", "maxItems"}
 _SCALARS: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
 EXCERPT = 80  # characters of a value quoted in an error: enough to recognise it
+MAX_ERRORS = 10  # problems named in one validation message
 _PATTERN_WORDS: dict[str, str] = {}
 
 
@@ -195,11 +197,15 @@ def errors(schema: dict, instance: Any) -> list[str]:
     """What is wrong with `instance` under `schema`, one phrase per problem, in field order;
     values are quoted as short excerpts, never whole."""
     try:
-        found = sorted(_Validator(schema).iter_errors(instance),
-                       key=lambda e: list(e.absolute_path))
+        # A million bad list items would make a million messages: the first few tell enough.
+        found = list(itertools.islice(_Validator(schema).iter_errors(instance), MAX_ERRORS + 1))
     except RecursionError:  # the validator recurses once per nesting level
         return ["the value is nested too deeply (thousands of levels)"]
-    return [describe_error(error) for error in found]
+    found.sort(key=lambda e: [str(p) for p in e.absolute_path])
+    described = [describe_error(error) for error in found[:MAX_ERRORS]]
+    if len(found) > MAX_ERRORS:
+        described.append("and more")
+    return described
 
 
 def describe_error(error: jsonschema.ValidationError) -> str:

@@ -172,3 +172,9 @@ def test_one_prompt_typed_on_the_command_line_is_a_list_of_one():
     assert parse_words(['prompts=["a", "b"]'], sample.parameters) == {"prompts": ["a", "b"]}
     assert parse_words(["prompts=42"], sample.parameters) == {"prompts": ["42"]}
     sample.validate(parse_words(["prompts=a photo of sks dog"], sample.parameters))
+
+
+def test_a_huge_invalid_list_gives_a_short_message():
+    with pytest.raises(ToolArgumentError) as error:
+        get_tool("sample").validate({"prompts": [1] * 200_000})
+    assert len(str(error.value)) < 2000 and str(error.value).endswith("and more")
