@@ -137,8 +137,14 @@ class FakeLLM:
     """
 
     def __init__(self, script: list[dict], model: str = MODEL, models: list[str] | None = None,
-                 served: str | None = None, info: dict[str, dict] | None = None):
+                 served: str | None = None, info: dict[str, dict] | None = None,
+                 control: dict[str, list[tuple[int, dict]]] | None = None):
         self.script = list(script)
+        # POST paths besides chat completions (vLLM's /sleep, Ollama's /api/generate): each
+        # answers (status, JSON body) in turn, the last one again once the rest are used.
+        self.control = {path: list(answers) for path, answers in (control or {}).items()}
+        self.log: list[str] = []  # "GET /path" / "POST /path" of every request, in order
+        self.posted: list[tuple[str, dict]] = []
         self.model = model
         self.models = models
         self.served, self.info = served, dict(info or {})
@@ -197,6 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.llm.log.append(f"GET {self.path}")
         self.llm.gets.append(self.path)
         self.llm.get_headers.append({k.lower(): v for k, v in self.headers.items()})
         answer = self.llm.info.get(self.path)
@@ -214,6 +221,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
+        self.llm.log.append(f"POST {self.path}")
+        if self.path in self.llm.control:
+            self.llm.posted.append((self.path, body))
+            answers = self.llm.control[self.path]
+            status, answer = answers.pop(0) if len(answers) > 1 else answers[0]
+            return self._json(status, answer)
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._json(404, _error_body(404, f"no route {self.path}"))
         if self.llm.models is not None and body.get("model") not in self.llm.models:

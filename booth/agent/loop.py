@@ -94,6 +94,7 @@ class Session:
                  context_window: int | None = None, reserve_tokens: int = 4096,
                  max_model_turns: int = MAX_MODEL_TURNS,
                  on_result: Callable[[dict], None] | None = None,
+                 gpu_share=None,
                  live_workspace: bool | None = None):
         from booth.agent.prompt import build_system_prompt
 
@@ -108,6 +109,8 @@ class Session:
         self.context_window, self.reserve_tokens = context_window, reserve_tokens
         self.max_model_turns = max_model_turns
         self.on_result = on_result  # called with each tool_result event (replay compares them)
+        # Frees the card from the LLM server around GPU tools (booth.agent.gpu_share).
+        self.gpu_share = gpu_share
         self.invalid_in_row = 0
         self._last_notice: str | None = None
 
@@ -179,6 +182,11 @@ class Session:
             self._record("interrupted", text="the user interrupted the turn")
         return False
 
+    def notice(self, text: str) -> None:
+        """Show one line to the user and record it."""
+        self.ui.notice(text)
+        self._record("notice", text=text)
+
     def _answer_unanswered(self, why: str) -> None:
         """Answer the calls of the last turn left without a result: Mistral refuses a history
         in which a call has no answer."""
@@ -187,6 +195,8 @@ class Session:
                          ok=False, error=f"not run: {why}")
 
     def _query(self) -> tuple[AssistantTurn, dict]:
+        if self.gpu_share is not None:
+            self.gpu_share.before_model()  # the server asleep since a GPU tool: wake it
         if self.live_workspace:
             from booth.agent.prompt import build_system_prompt
 
@@ -260,6 +270,8 @@ class Session:
 
     def _run_tool(self, tool, call_id: str, arguments: dict, edited: bool = False) -> None:
         outcome: dict[str, Any] = {"ok": True}
+        if self.gpu_share is not None:
+            self.gpu_share.before_tool(tool)
         start = time.monotonic()
         try:
             with self.ctx.interruptible(SessionAborted, "abort the session"):

@@ -82,6 +82,10 @@ def chat(
         "\\[default: <workspace>/transcripts/<date>-<goal>.jsonl]")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue the conversation saved in this transcript")] = None,
+    share_gpu: Annotated[str, typer.Option(
+        envvar="BOOTH_SHARE_GPU", help="Free the LLM server's GPU memory while a GPU tool "
+        "runs (vLLM sleep mode, Ollama unload): auto (when training on CUDA with the server "
+        "on this machine), always, never")] = "auto",
 ) -> None:
     """Chat with the model: it plans the DreamBooth work and calls the tools, asking first.
 
@@ -93,14 +97,18 @@ def chat(
                    top_p=top_p, max_tokens=max_tokens, frequency_penalty=frequency_penalty,
                    presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
                    stream=False if no_stream else None)
+    from booth.agent.gpu_share import MODES
+
+    if share_gpu not in MODES:
+        raise fail(f"--share-gpu must be one of {', '.join(MODES)}, not {share_gpu!r}", 2)
     code = run_chat(tool_context(), goal, options, yes=yes, transcript=transcript,
-                    resume=resume)
+                    resume=resume, share_gpu=share_gpu)
     if code:
         raise typer.Exit(code)
 
 
 def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
-             transcript: Path | None, resume: Path | None) -> int:
+             transcript: Path | None, resume: Path | None, share_gpu: str = "auto") -> int:
     """The body of `booth chat`; returns the exit code (non-zero: a one-shot goal failed)."""
     from rich.console import Console
 
@@ -126,6 +134,7 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
     policy = shared.choose_policy(ui, yes=yes, interactive=interactive)
     session = _open_session(ctx, settings, OpenAIChatModel(settings), policy, ui, goal,
                             transcript, resume)
+    session.gpu_share = _gpu_share(settings, share_gpu, session)
     ui.info(f"model: {settings.describe()}")
     ui.info(f"transcript: {session.transcript.path}")
     if resume is not None:  # where the conversation stands, before it goes on
@@ -150,9 +159,21 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
              f"saved a checkpoint); {resume_hint}")
         return ending.exit_code
     finally:
+        session.gpu_share.before_model()  # a server left asleep is woken for whoever is next
         session.transcript.close()
         _keep_or_drop(session, resume is not None, ui)
     return 0 if ok or interactive else 1
+
+
+def _gpu_share(settings, mode: str, session):
+    from booth.agent.gpu_share import GpuShare
+
+    def on_cuda() -> bool:
+        from booth.tools.estimates import device_kind
+
+        return device_kind() == "cuda"
+
+    return GpuShare(settings, mode, session.notice, on_cuda)
 
 
 def _keep_or_drop(session, resumed: bool, ui) -> None:

@@ -124,3 +124,4 @@ def _setup(key):
 
 
 generate_priors.estimate = _describe_cost
+generate_priors.uses_gpu = True

@@ -63,6 +63,8 @@ class Tool:
     # Optional: (ctx, validated arguments) -> a memory plan (booth.tools.memory.Plan) to show
     # before approving; None where there is no GPU to plan for.
     memory_plan: Callable[[Any, dict[str, Any]], Any] | None = None
+    # Runs on the GPU when there is one: the LLM server may be asked to free the card first.
+    uses_gpu: bool = False
 
     def openai_spec(self) -> dict[str, Any]:
         """The entry of the `tools` list of a chat-completions request: the parameters the

@@ -141,3 +141,4 @@ def _result(result, folder, model: str, seed: int, steps: int, guidance: float,
 
 
 sample.estimate = _estimate
+sample.uses_gpu = True

@@ -309,3 +309,5 @@ resume_checkpoint.memory_plan = lambda ctx, args: _memory_plan(
     ctx, load_config_of(ctx.workspace.existing_run(args["run"])))
 train.out_of_memory = lambda args: _out_of_memory(args.get("run_name") or "<the run>")
 resume_checkpoint.out_of_memory = lambda args: _out_of_memory(args["run"])
+train.uses_gpu = True
+resume_checkpoint.uses_gpu = True
