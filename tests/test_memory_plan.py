@@ -104,3 +104,21 @@ def test_without_a_gpu_there_is_no_plan(tool_context):
     tool_context.free_gpu_memory = lambda: None
     tool = get_tool("train")
     assert tool.memory_plan(tool_context, tool.validate(CALL)) is None
+
+
+def test_the_system_prompt_knows_the_free_memory_the_server_and_the_measured_speed(
+        tool_context):
+    from booth.agent.prompt import build_system_prompt
+    from booth.tools.calibration import Setup
+
+    record(tool_context.workspace.root, Setup("train", "cuda (H200)", "m", 512, 2), 100, 42.0,
+           10.0)
+    tool_context.free_gpu_memory = lambda: 21.5 * 2**30
+    prompt = build_system_prompt(tool_context, gpu_note="the LLM server frees its GPU memory "
+                                 "while train/sample run")
+    assert "22 GB free now" in prompt
+    assert "the LLM server frees its GPU memory while train/sample run" in prompt
+    assert "training measured here: 0.42 s/step at 512 px" in prompt
+    tool_context.free_gpu_memory = lambda: None  # on the CPU: no memory facts, no server note
+    prompt = build_system_prompt(tool_context, gpu_note="the LLM server frees ...")
+    assert "GB free" not in prompt and "the LLM server frees" not in prompt

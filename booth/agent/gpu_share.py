@@ -45,6 +45,13 @@ class GpuShare:
         self.released = False  # the server gave the card back and must be woken
         self._said_cannot = False
 
+    def describe(self) -> str | None:
+        """For the system prompt: what the server does for GPU tools, when it does."""
+        if self.mode == "never" or self.settings.provider not in ("vllm", "ollama") \
+                or self._said_cannot:
+            return None
+        return "the LLM server frees its GPU memory while train/sample run"
+
     def before_tool(self, tool) -> None:
         """Called before a tool runs; never stops it (a failure is a notice)."""
         if self.released or not getattr(tool, "uses_gpu", False) or not self._applies():

@@ -200,7 +200,8 @@ class Session:
         if self.live_workspace:
             from booth.agent.prompt import build_system_prompt
 
-            self.system_prompt = build_system_prompt(self.ctx)
+            note = self.gpu_share.describe() if self.gpu_share is not None else None
+            self.system_prompt = build_system_prompt(self.ctx, gpu_note=note)
         messages = [{"role": "system", "content": self.system_prompt}, *self.messages]
         if self.context_window:
             reserve = self.reserve_tokens + estimate_tokens(self.tool_specs)

@@ -26,11 +26,13 @@ def load_template(name: str = "system.md") -> str:
     return resources.files("booth.prompts").joinpath(name).read_text(encoding="utf-8")
 
 
-def build_system_prompt(ctx, today: date | None = None, device: str | None = None) -> str:
-    """The system prompt for a session working in `ctx.workspace` with `ctx.base_model`."""
+def build_system_prompt(ctx, today: date | None = None, device: str | None = None,
+                        gpu_note: str | None = None) -> str:
+    """The system prompt for a session working in `ctx.workspace` with `ctx.base_model`.
+    `gpu_note`: what the LLM server does for GPU tools (booth.agent.gpu_share)."""
     values = {
         "today": (today or date.today()).isoformat(),
-        "device": device if device is not None else device_line(),
+        "device": device if device is not None else machine_facts(ctx, gpu_note),
         "base_model": ctx.base_model,
         "workspace": str(ctx.workspace.root),
         "state": workspace_state(ctx.workspace),
@@ -40,6 +42,39 @@ def build_system_prompt(ctx, today: date | None = None, device: str | None = Non
     for key, value in values.items():
         text = text.replace("{" + key + "}", value)
     return text
+
+
+def machine_facts(ctx, gpu_note: str | None = None) -> str:
+    """The device, with the card's free memory now (the LLM server may hold much of it),
+    what the server gives back during GPU tools, and the training speed measured here."""
+    parts = [device_line()]
+    free = _courtesy(ctx.free_gpu_memory)
+    if free is not None:
+        parts.append(f"{free / 2**30:.0f} GB free now")
+    if gpu_note and free is not None:
+        parts.append(gpu_note)
+    measured = _courtesy(lambda: measured_speed(ctx.workspace.root))
+    if measured:
+        parts.append(measured)
+    return "; ".join(parts)
+
+
+def measured_speed(workspace_root) -> str | None:
+    """'training measured here: 0.42 s/step at 512 px' from the newest calibration entry."""
+    from booth.tools.calibration import newest
+
+    entry = newest(workspace_root, "train")
+    if entry is None:
+        return None
+    return (f"training measured here: {entry['per_unit']:.2g} s/step at "
+            f"{entry['resolution']} px")
+
+
+def _courtesy(ask):
+    try:
+        return ask()
+    except Exception:  # a fact the prompt can do without must never stop a chat
+        return None
 
 
 @functools.cache

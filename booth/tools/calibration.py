@@ -90,6 +90,11 @@ def estimate(workspace_root: Path, setup: Setup, units: float, guess_per_unit: f
     return Estimate(entry["fixed"] + units * entry["per_unit"] * scale, "measured")
 
 
+def newest(workspace_root: Path, kind: str) -> dict | None:
+    """The newest entry of this kind of work, or None (entries are kept newest first)."""
+    return next((e for e in _read(workspace_root) if e["kind"] == kind), None)
+
+
 def measured_peak(workspace_root: Path, setup: Setup) -> float | None:
     """The GPU peak a run of exactly this setup reached here, if one was measured."""
     for entry in _read(workspace_root):
