@@ -1,0 +1,202 @@
+"""The first thing to run on a machine with a GPU: booth's memory plans and speed, measured.
+
+It builds a Stable Diffusion 1.5-shaped model with random weights from the real configs (no
+download), trains each rung of the memory ladder at 512 px for a few steps through booth's
+own train tool, and prints one table: the plan's memory, the measured peak
+(torch.cuda.max_memory_allocated) and steps/s. Then it checks that a run stopped and resumed
+on the GPU logs the very same losses as one that never stopped.
+
+    python benchmarks/gpu_check.py                      # on a CUDA machine (~5 min on an H100)
+    python benchmarks/gpu_check.py --smoke              # the tiny model on the CPU (a test runs it)
+
+Not here yet: the side-by-side with diffusers' train_dreambooth.py (the perf work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's booth
+
+RUNGS = [  # (name, settings): the ladder of booth.tools.memory, as train arguments
+    ("full, text encoder, fp32", {}),
+    ("fp16 + checkpointing + 8-bit Adam", {"mixed_precision": "fp16",
+                                           "gradient_checkpointing": True,
+                                           "use_8bit_adam": True}),
+    ("the same, no text encoder", {"mixed_precision": "fp16", "gradient_checkpointing": True,
+                                   "use_8bit_adam": True, "train_text_encoder": False}),
+    ("LoRA, fp16", {"mixed_precision": "fp16", "use_lora": True, "train_text_encoder": False,
+                    "learning_rate": 1e-4}),
+    ("full, text encoder, bf16", {"mixed_precision": "bf16"}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 3 steps")
+    parser.add_argument("--steps", type=int, default=12, help="steps per rung")
+    parser.add_argument("--resolution", type=int, default=512)
+    args = parser.parse_args()
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: run with --smoke for the CPU smoke test")
+    steps = 3 if args.smoke else args.steps
+    resolution = 64 if args.smoke else args.resolution
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(Path(tmp) / "model", tiny=args.smoke)
+        rows = [measure(Path(tmp), model, name, settings, steps, resolution, index)
+                for index, (name, settings) in enumerate(RUNGS[:2] if args.smoke else RUNGS)]
+        exact = resume_is_exact(Path(tmp), model, resolution, smoke=args.smoke)
+    report(rows, exact, torch)
+
+
+def build_model(folder: Path, tiny: bool) -> str:
+    """SD-1.5's own architecture with random weights (or the tiny model for --smoke)."""
+    from booth.dreambooth.tiny import save_tiny_model
+
+    if tiny:
+        return str(save_tiny_model(folder))
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from booth.dreambooth.tiny import build_tiny_pipeline
+
+    tiny_parts = build_tiny_pipeline()  # its tokenizer and scheduler serve as they are
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=tiny_parts.tokenizer.bos_token_id,
+        eos_token_id=tiny_parts.tokenizer.eos_token_id,
+        pad_token_id=tiny_parts.tokenizer.pad_token_id))
+    pipeline = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_parts.tokenizer,
+        scheduler=tiny_parts.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def workspace_for(root: Path, resolution: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    workspace = root / "workspace"
+    images = workspace / "datasets" / "subject" / "images"
+    if images.is_dir():
+        return workspace
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(
+            images / f"{i + 1:04d}.png")
+        files.append({"file": f"images/{i + 1:04d}.png"})
+    manifest = {"instance_token": "sks", "instance_prompt": "a photo of sks dog",
+                "class_prompt": "a photo of a dog", "resolution": resolution, "images": files}
+    (images.parent / "manifest.json").write_text(json.dumps(manifest))
+    return workspace
+
+
+def measure(root: Path, model: str, name: str, settings: dict, steps: int, resolution: int,
+            index: int) -> dict:
+    """One rung: the plan's figure, then a real run's peak and speed."""
+    from rich.console import Console
+
+    from booth.tools import ToolContext, get_tool
+    from booth.tools.memory import GB, parameter_counts
+    from booth.tools.train import _memory_plan, _planned_config
+
+    ctx = ToolContext.from_options(workspace=str(workspace_for(root, resolution)),
+                                   base_model=model, console=Console(stderr=True, quiet=True))
+    tool = get_tool("train")
+    call = tool.validate({"dataset": "subject", "max_train_steps": steps, "learning_rate": 5e-6,
+                          "prior_loss_weight": 0, "report_to": "none",
+                          "checkpointing_steps": 10_000, "run_name": f"rung-{index}",
+                          **settings})
+    config = _planned_config(ctx, call)
+    ctx.free_gpu_memory = lambda: float("inf")  # the plan's own figure, not a verdict
+    plan = _memory_plan(ctx, config)
+    planned = plan.needed / GB if plan else None
+    started = time.monotonic()
+    try:
+        result = tool.call(ctx, call)
+    except Exception as error:  # a rung that fails is a finding, not the end of the check
+        return {"rung": name, "planned_gb": planned, "error": f"{type(error).__name__}: "
+                f"{str(error)[:120]}"}
+    peak = _peak(root, ctx)
+    per_step = _loop_seconds(ctx, f"rung-{index}") / max(steps - 1, 1)
+    return {"rung": name, "planned_gb": planned, "peak_gb": peak / GB if peak else None,
+            "steps_per_s": 1 / per_step if per_step else None, "status": result["status"],
+            "seconds": round(time.monotonic() - started, 1),
+            "unet_params_m": parameter_counts(model)["unet"] / 1e6}
+
+
+def _peak(root: Path, ctx) -> float | None:
+    entries = json.loads((ctx.workspace.root / "calibration.json").read_text())["entries"]
+    return entries[0].get("peak_memory")
+
+
+def _loop_seconds(ctx, run: str) -> float:
+    """Seconds between the first and last logged step: the steady speed, warm-up left out."""
+    rows = [json.loads(line) for line in
+            (ctx.workspace.run_dir(run) / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]["elapsed"] - rows[0]["elapsed"] if len(rows) > 1 else 0.0
+
+
+def resume_is_exact(root: Path, model: str, resolution: int, smoke: bool) -> str:
+    """6 steps straight against 3 + resume 3: the same losses, bit for bit?"""
+    from rich.console import Console
+
+    from booth.tools import ToolContext, get_tool
+
+    ctx = ToolContext.from_options(workspace=str(workspace_for(root, resolution)),
+                                   base_model=model, console=Console(stderr=True, quiet=True))
+    settings = {"dataset": "subject", "learning_rate": 5e-6, "prior_loss_weight": 0,
+                "report_to": "none", "checkpointing_steps": 3,
+                **({} if smoke else {"mixed_precision": "bf16"})}
+    get_tool("train").run(ctx, {**settings, "max_train_steps": 6, "run_name": "straight"})
+    get_tool("train").run(ctx, {**settings, "max_train_steps": 3, "run_name": "stopped"})
+    get_tool("resume_checkpoint").run(ctx, {"run": "stopped", "max_train_steps": 6})
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in
+                (ctx.workspace.run_dir(run) / "metrics.jsonl").read_text().splitlines()]
+
+    same = losses("straight") == losses("stopped")
+    return f"{'bit-identical' if same else 'DIFFERENT'} ({len(losses('straight'))} steps)"
+
+
+def report(rows: list[dict], exact: str, torch) -> None:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}")
+    print(f"{'rung':36} {'plan GB':>8} {'peak GB':>8} {'steps/s':>8}  status")
+    for row in rows:
+        print(f"{row['rung']:36} {_cell(row, 'planned_gb'):>8} {_cell(row, 'peak_gb'):>8} "
+              f"{_cell(row, 'steps_per_s', 2):>8}  {row.get('status') or row.get('error')}")
+    print(f"resume after a stop: {exact}")
+
+
+def _cell(row: dict, key: str, digits: int = 1) -> str:
+    value = row.get(key)
+    return f"{value:.{digits}f}" if isinstance(value, float) else "-"
+
+
+if __name__ == "__main__":
+    main()
