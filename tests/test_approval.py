@@ -189,3 +189,14 @@ def test_settings_the_model_is_not_shown_appear_in_the_panel_only_when_changed()
     shown = " ".join(out.getvalue().split())
     assert "max_grad_norm" in shown and "0.5" in shown  # changed: named
     assert "adam_beta1" not in shown and "more settings" in shown  # at its default: counted
+
+
+def test_arguments_are_shown_as_text_never_as_markup():
+    from booth.agent.ui import ChatUI
+
+    out = io.StringIO()
+    ui = ChatUI(Console(file=out, width=200))
+    ui.tool_call("sample", {"prompts": ["a photo of [/] dog"], "negative_prompt": "[bold]x[/]",
+                            "run": "[red]"}, {"seed": 0})  # MarkupError before; hidden text
+    shown = out.getvalue()
+    assert "a photo of [/] dog" in shown and "[bold]x[/]" in shown and "[red]" in shown

@@ -63,7 +63,7 @@ def arguments_table(arguments: dict, defaults: dict | None = None,
             else:
                 left_at_default.append(f"{key} {_short(value, 40)}")
         else:
-            table.add_row(key, _short(value, 200))
+            table.add_row(Text(key), Text(_short(value, 200)))  # the model's text, not markup
     if unnamed:
         left_at_default.append(f"and {unnamed} more settings")
     if left_at_default:

@@ -39,38 +39,41 @@ def list_workspace(
 
 def _tables(state: dict):
     from rich.table import Table
+    from rich.text import Text
 
     datasets = Table("name", "images", "rejected", "instance prompt", "resolution",
                      title="Datasets", title_justify="left")
     for d in state["datasets"]:
         if d.get("error"):
-            datasets.add_row(d["name"], "", "", f"[red]{d['error']}[/]", "")
+            datasets.add_row(Text(d["name"]), "", "", Text(d["error"], style="red"), "")
         else:
-            datasets.add_row(d["name"], str(d["images"]), str(d["rejected"]),
-                             _text(d["instance_prompt"]), _text(d["resolution"]))
+            datasets.add_row(Text(d["name"]), str(d["images"]), str(d["rejected"]),
+                             Text(_text(d["instance_prompt"])), _text(d["resolution"]))
     priors = Table("name", "images", "prompt", "resolution", title="Prior sets",
                    title_justify="left")
     for p in state["prior_sets"]:
-        prompt = f"[red]{p['error']}[/]" if p.get("error") else _text(p["prompt"])
-        priors.add_row(p["name"], str(p["images"]), prompt, _text(p.get("resolution")))
+        prompt = Text(p["error"], style="red") if p.get("error") else Text(_text(p["prompt"]))
+        priors.add_row(Text(p["name"]), str(p["images"]), prompt, _text(p.get("resolution")))
     yield "Datasets", datasets
     yield "Prior sets", priors
     yield "Runs", _runs_table(state["runs"])
     samples = Table("name", "images", "prompts", "grid", title="Sample sets",
                     title_justify="left")
     for s in state["sample_sets"]:
-        samples.add_row(s["name"], str(s["images"]), "\n".join(map(str, s["prompts"] or [])),
+        samples.add_row(Text(s["name"]), str(s["images"]),
+                        Text("\n".join(map(str, s["prompts"] or []))),
                         "grid.png" if s["grid"] else "")
     yield "Sample sets", samples
     sessions = Table("transcript", "size", "modified", title="Sessions (transcripts/)",
                      title_justify="left")
     for s in state["sessions"]:
-        sessions.add_row(Path(s["path"]).name, _size(s["bytes"]), s["modified"])
+        sessions.add_row(Text(Path(s["path"]).name), _size(s["bytes"]), s["modified"])
     yield "Sessions", sessions
 
 
 def _runs_table(runs: list[dict]):
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("name", "steps saved", "checkpoints", "last loss", "status", "final model",
                   title="Runs", title_justify="left")
@@ -78,11 +81,11 @@ def _runs_table(runs: list[dict]):
         steps = f"{r['steps']} / {r['max_train_steps'] if r['max_train_steps'] else '?'}"
         loss = f"{r['last_loss']:.4g}" if r["last_loss"] is not None else ""
         style = "green" if r["final_model"] else "yellow"
-        final = Path(r["final_model"]).name + "/" if r["final_model"] else ""
+        final = Text(Path(r["final_model"]).name + "/" if r["final_model"] else "")
         if r["config"] is None:
-            final += " [red](run.yaml unreadable)[/]"
-        table.add_row(r["name"], steps, ", ".join(map(str, r["checkpoints"])) or "none", loss,
-                      f"[{style}]{r['status']}[/]", final.strip())
+            final.append(" (run.yaml unreadable)", style="red")
+        table.add_row(Text(r["name"]), steps, ", ".join(map(str, r["checkpoints"])) or "none",
+                      loss, Text(r["status"], style=style), final)
     return table
 
 

@@ -50,6 +50,7 @@ def parameters_table(spec):
     """One tool as a person reads it: what it does, then each parameter's type, default and
     bounds, all read from the schema the model gets."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("parameter (* = required)", "type", "default", "allowed",
                   title=f"[bold]{spec.name}[/]: {spec.description.splitlines()[0]}",
@@ -62,7 +63,8 @@ def parameters_table(spec):
             kind = f"list of {item.get('type', '?')}"
             allowed = ", ".join(filter(None, [allowed, _allowed(item, "each ")]))
         default = json.dumps(schema["default"]) if "default" in schema else ""
-        table.add_row(name + ("*" if name in required else ""), kind, default, allowed)
+        table.add_row(name + ("*" if name in required else ""), kind, Text(default),
+                      Text(allowed))  # patterns are full of brackets: text, not markup
     return table
 
 
