@@ -264,3 +264,20 @@ def test_global_options_after_chat_are_used_and_win_over_those_before(workspace,
     header, _ = read_transcript(path)
     assert header["workspace"] == str(other) and header["base_model"] == "some-org/sd-model"
     assert f"workspace: {other}" in prompt and "base model: some-org/sd-model" in prompt
+
+
+def test_a_signal_at_the_chat_prompt_is_recorded_and_exits_143(tty, workspace, tmp_path,
+                                                              monkeypatch):
+    from booth.tools import Terminated
+
+    def read(prompt):
+        raise Terminated()  # SIGTERM while booth waits for the person
+
+    monkeypatch.setattr(session, "reader", lambda ui: read)
+    path = tmp_path / "t.jsonl"
+    with FakeLLM([reply("Bonjour.")]) as llm:
+        result = chat(workspace, llm.base_url, "salut", "--transcript", str(path))
+    assert result.exit_code == 143, result.output
+    ends = [e["text"] for e in transcript_events(path) if e["type"] == "interrupted"]
+    assert ends == ["terminated (SIGTERM): the session ends"]
+    assert f"booth chat --resume {path}" in " ".join(result.stderr.split())

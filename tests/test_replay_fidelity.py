@@ -325,3 +325,19 @@ def test_resume_recaps_only_the_last_three_turns(tmp_path, workspace):
     assert "question 1" not in recap and "answer 1" not in recap
     assert recap.index("you> question 2") < recap.index("answer 2") < recap.index(
         "you> question 4") < recap.index("answer 4")
+
+
+def test_ctrl_d_at_a_replayed_approval_ends_the_replay_without_a_traceback(tmp_path,
+                                                                          monkeypatch):
+    from typer.testing import CliRunner
+
+    from booth.cli import app
+    from booth.commands import session
+    from booth.demo import shipped_transcript
+
+    monkeypatch.setattr(session, "stdin_is_tty", lambda: True)  # so approvals are asked
+    result = CliRunner().invoke(app, ["-w", str(tmp_path / "ws"), "--base-model", str(tmp_path),
+                                      "replay", str(shipped_transcript()), "--execute"],
+                                input="")
+    assert result.exit_code == 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -48,12 +49,6 @@ class InvalidCallLimit(AgentStop):
 
 class TurnLimit(AgentStop):
     pass
-
-
-def _signal_name(exit_code: int) -> str:
-    import signal
-
-    return signal.Signals(exit_code - 128).name
 
 
 class SessionEnded(Exception):
@@ -111,6 +106,7 @@ class Session:
         self.on_result = on_result  # called with each tool_result event (replay compares them)
         # Frees the card from the LLM server around GPU tools (booth.agent.gpu_share).
         self.gpu_share = gpu_share
+        self._end_recorded = False
         self.invalid_in_row = 0
         self._last_notice: str | None = None
 
@@ -172,15 +168,21 @@ class Session:
             self._record("interrupted", text="the user ended the session (Ctrl-D)")
             raise SessionEnded from None
         except Terminated as ending:
-            name = _signal_name(ending.exit_code)
+            name = ending.signal_name
             self._answer_unanswered(f"booth was terminated ({name}) before it ran")
-            self._record("interrupted", text=f"terminated ({name}): the session ends")
+            self.record_end(f"terminated ({name}): the session ends")
             raise
         except KeyboardInterrupt:  # Ctrl-C outside a tool, e.g. while the model was answering
             self._answer_unanswered("the user interrupted")
             self.ui.notice("Interrupted. Type a new message.")
             self._record("interrupted", text="the user interrupted the turn")
         return False
+
+    def record_end(self, text: str) -> None:
+        """Record why the session ends, once (a signal at a prompt comes from outside)."""
+        if not self._end_recorded:
+            self._end_recorded = True
+            self._record("interrupted", text=text)
 
     def notice(self, text: str) -> None:
         """Show one line to the user and record it."""
@@ -303,7 +305,7 @@ class Session:
         stopped, terminated = self.ctx.stop_requested.is_set(), self.ctx.terminated.is_set()
         if stopped:
             self.ctx.stop_requested.clear()
-            ending = _signal_name(self.ctx.exit_code)
+            ending = signal.Signals(self.ctx.exit_code - 128).name
             who = f"booth was terminated ({ending})" if terminated else "The user pressed Ctrl-C"
             text = f"{who} while the tool ran, asking it to stop at a safe point; its result: " \
                 + text

@@ -5,7 +5,6 @@ Kept light at import: everything heavy is imported inside the command body.
 
 from __future__ import annotations
 
-import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -113,11 +112,9 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
     from rich.console import Console
 
     from booth.agent.endpoint import OpenAIChatModel
-    from booth.agent.loop import SessionAborted, SessionEnded
     from booth.agent.model import EndpointError
     from booth.agent.settings import resolve_settings
     from booth.agent.ui import ChatUI
-    from booth.tools import Terminated, terminate_raises
 
     try:
         settings = resolve_settings(**options)
@@ -141,28 +138,20 @@ def run_chat(ctx, goal: str | None, options: dict, *, yes: bool,
         from booth.agent.replay import recap
 
         recap(ui, session.transcript.path)
-    resume_hint = f"continue with `booth chat --resume {session.transcript.path}`"
+    def body() -> int:
+        ok = session.send(goal) if goal else True
+        if interactive:
+            _converse(session, read)
+        return 0 if ok or interactive else 1
+
     try:
-        with terminate_raises():
-            ok = session.send(goal) if goal else True
-            if interactive:
-                _converse(session, read)
-    except SessionAborted:
-        ui.error(f"aborted. Finished checkpoints are kept; {resume_hint}")
-        return 130
-    except SessionEnded:
-        ui.console.print()  # end the prompt's line
-        return 0
-    except Terminated as ending:
-        name = signal.Signals(ending.exit_code - 128).name
-        fail(f"terminated ({name}). The running tool stopped at a safe point (training "
-             f"saved a checkpoint); {resume_hint}")
-        return ending.exit_code
+        return shared.run_to_end(
+            body, ui, f"continue with `booth chat --resume {session.transcript.path}`",
+            on_terminated=session.record_end)
     finally:
         session.gpu_share.before_model()  # a server left asleep is woken for whoever is next
         session.transcript.close()
         _keep_or_drop(session, resume is not None, ui)
-    return 0 if ok or interactive else 1
 
 
 def _gpu_share(settings, mode: str, session):

@@ -51,12 +51,23 @@ def run_replay(path: Path, *, execute: bool, yes: bool) -> int:
             ui.info(line)
         ctx = ToolContext.from_options(workspace=places.workspace, base_model=places.base_model)
         policy = shared.choose_policy(ui, yes=yes, interactive=shared.stdin_is_tty())
-        with working_folder(places.cwd):
-            report = replays.execute(path, ctx, policy, ui, _replay_writer(ctx, path))
+        writer = _replay_writer(ctx, path)
     except (TranscriptError, ReplaySetupError, OSError) as error:
         raise fail(str(error), 2) from None
-    replays.summarise(ui, report, places, path)
-    return 0 if report.all_match else 1
+
+    def body() -> int:
+        with working_folder(places.cwd):
+            report = replays.execute(path, ctx, policy, ui, writer)
+        replays.summarise(ui, report, places, path)
+        return 0 if report.all_match else 1
+
+    try:
+        return shared.run_to_end(body, ui, f"replay it again with `booth replay {path} "
+                                 "--execute`")
+    except (TranscriptError, OSError) as error:
+        raise fail(str(error), 2) from None
+    finally:
+        writer.close()
 
 
 def _replay_writer(ctx, source: Path):

@@ -40,3 +40,29 @@ def session_header(ctx, *, model: str, endpoint: str, sampling: dict, system_pro
     return make_header(model=model, endpoint=endpoint, sampling=sampling,
                        tools=[t.openai_spec() for t in TOOLS.values()],
                        system_prompt=system_prompt, **session_places(ctx), **extra)
+
+
+def run_to_end(body, ui, resume_hint: str, on_terminated=None) -> int:
+    """Run a session's `body()` (returning its exit code) and turn the ways a session ends
+    into exit codes, each said once: Ctrl-D at a prompt (0), a second Ctrl-C (130), SIGTERM or
+    SIGHUP (128 + the signal). `on_terminated(text)` records a signal that came while the
+    session waited at a prompt (the loop records those that come while it works)."""
+    from booth.agent.loop import SessionAborted, SessionEnded
+    from booth.commands.options import fail
+    from booth.tools import Terminated, terminate_raises
+
+    try:
+        with terminate_raises():
+            return body()
+    except SessionAborted:
+        ui.error(f"aborted. Finished checkpoints are kept; {resume_hint}")
+        return 130
+    except SessionEnded:
+        ui.console.print()  # end the prompt's line
+        return 0
+    except Terminated as ending:
+        if on_terminated is not None:
+            on_terminated(f"terminated ({ending.signal_name}): the session ends")
+        fail(f"terminated ({ending.signal_name}). A running tool stopped at a safe point "
+             f"(training saved a checkpoint); {resume_hint}")
+        return ending.exit_code

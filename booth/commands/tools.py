@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -127,8 +128,6 @@ def call_tool(
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, every process ran it
         typer.echo(json.dumps(result, indent=2, default=str))
     if context.terminated.is_set():
-        import signal
-
         hint = result.get("hint", "") if isinstance(result, dict) else ""
         ending = signal.Signals(context.exit_code - 128).name
         raise fail(f"terminated ({ending}): {name} stopped at a safe point. {hint}".strip(),

@@ -25,6 +25,7 @@ class Terminated(BaseException):
     def __init__(self, signum: int = signal.SIGTERM):
         super().__init__(signum)
         self.exit_code = 128 + signum
+        self.signal_name = signal.Signals(signum).name
 
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
