@@ -90,7 +90,7 @@ def test_tiny_model_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = booth("tiny-model", str(tmp_path))
     assert result.exit_code == 2
-    assert "not empty" in result.stderr
+    assert "not an empty folder" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
@@ -233,3 +233,23 @@ def test_a_hub_id_that_is_not_here_is_said_in_one_line_at_once(workspace):
     assert "'someone/sd-typo' is neither a local folder nor in the local Hugging Face cache" in text
     assert "hf download someone/sd-typo" in text and "--base-model" in text
     assert "stacktrace" not in text and "Traceback" not in text
+
+
+def test_tiny_model_refuses_a_file_in_the_way(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    result = runner.invoke(app, ["tiny-model", str(target)])
+    assert result.exit_code == 2 and "not an empty folder" in " ".join(result.output.split())
+
+
+def test_behind_a_proxy_the_hub_is_left_to_the_hub_library(monkeypatch):
+    from booth.dreambooth import loading
+
+    monkeypatch.setattr(loading, "_in_hub_cache", lambda repo: False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+
+    def no_socket(*args, **kwargs):
+        raise AssertionError("a raw socket cannot pass a proxy: it must not be tried")
+
+    monkeypatch.setattr("socket.create_connection", no_socket)
+    loading.ensure_downloadable("someone/model")  # no error: the download will say

@@ -122,3 +122,11 @@ def test_the_system_prompt_knows_the_free_memory_the_server_and_the_measured_spe
     tool_context.free_gpu_memory = lambda: None  # on the CPU: no memory facts, no server note
     prompt = build_system_prompt(tool_context, gpu_note="the LLM server frees ...")
     assert "GB free" not in prompt and "the LLM server frees" not in prompt
+
+
+def test_the_last_rung_is_a_batch_of_one_image_without_priors_and_two_with():
+    from booth.tools.memory import LADDER, _rung
+
+    last = LADDER[-1][1]
+    assert _rung(Knobs(examples=4, priors=False), last).examples == 1
+    assert _rung(Knobs(examples=4, priors=True), last).examples == 2

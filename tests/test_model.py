@@ -327,3 +327,13 @@ def test_each_preset_assumes_the_window_its_start_hint_gives_the_server():
         preset = PRESETS[name]
         started = re.search(r"(?:OLLAMA_CONTEXT_LENGTH=|-c )(\d+)", preset.start_hint)
         assert started and int(started.group(1)) == preset.context_window, name
+
+
+@pytest.mark.parametrize("url", ["http://localhost:80x0/v1", "http://[abc/v1", "ftp://host/v1",
+                                 "localhost:8000/v1"])
+def test_a_mistyped_base_url_is_a_clear_error(url):
+    from booth.agent.model import EndpointError
+    from booth.agent.settings import resolve_settings
+
+    with pytest.raises(EndpointError, match="is not an http"):
+        resolve_settings(env={}, base_url=url)

@@ -366,16 +366,28 @@ def test_out_of_gpu_memory_names_the_memory_ladder(tool_context, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     make_dataset(tool_context.workspace.root)
+    call = {"dataset": "rex", "max_train_steps": 5, "learning_rate": 5e-6,
+            "prior_loss_weight": 0, "run_name": "big"}
     monkeypatch.setattr(trainer, "train", out_of_memory)
     with pytest.raises(ToolError) as error:
-        get_tool("train").run(tool_context, {"dataset": "rex", "max_train_steps": 5,
-                                             "learning_rate": 5e-6, "prior_loss_weight": 0,
-                                             "run_name": "big"})
+        get_tool("train").run(tool_context, call)
     message = str(error.value)
     assert message.startswith("the GPU ran out of memory")
     for advice in ("mixed_precision='fp16'", "gradient_checkpointing=true",
-                   "use_8bit_adam=true", "use_lora=true", "resume_checkpoint run='big'"):
+                   "use_8bit_adam=true", "train_text_encoder=false", "use_lora=true"):
         assert advice in message
+    # Out of memory before the first checkpoint: the run is gone, there is nothing to resume.
+    assert "resume_checkpoint" not in message
+
+    def out_of_memory_later(config, **kwargs):  # after a checkpoint was saved
+        checkpoint = Path(config.output_dir) / "checkpoints" / "checkpoint-2"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "training_state.json").write_text("{}")
+        out_of_memory()
+
+    monkeypatch.setattr(trainer, "train", out_of_memory_later)
+    with pytest.raises(ToolError, match="resume_checkpoint run='later' continues"):
+        get_tool("train").run(tool_context, {**call, "run_name": "later"})
 
 
 def test_a_local_base_model_is_kept_as_an_absolute_path(tiny_model, workspace, monkeypatch):

@@ -4,6 +4,7 @@ from flags, environment and the chosen provider."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -145,6 +146,19 @@ def safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
+def _check_url(url: str) -> None:
+    """An endpoint URL booth can use, or an EndpointError saying what is wrong with it."""
+    shown = re.sub(r"//[^/@]*@", "//", url)  # no password in the message, even unparsed
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - reading it is the check: "80x0" raises here
+    except ValueError as error:
+        raise EndpointError(f"--base-url {shown!r} is not an http(s) URL ({error})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EndpointError(f"--base-url {shown!r} is not an http(s) URL: give it as "
+                            "http://HOST:PORT/v1")
+
+
 def _guess_provider(base_url: str) -> str:
     parts = urlsplit(base_url)
     if parts.hostname == MISTRAL_HOST:
@@ -169,6 +183,8 @@ def resolve_settings(env: Mapping[str, str] | None = None, **cli_options: Any) -
         raise TypeError(f"unknown endpoint options: {sorted(unknown)}")
     given = {k: v for k, v in cli_options.items() if v is not None}
     base_url = given.get("base_url") or env.get("BOOTH_BASE_URL")
+    if base_url:
+        _check_url(base_url)
     provider = given.get("provider") or env.get("BOOTH_PROVIDER")
     if not provider:
         provider = _guess_provider(base_url) if base_url else "vllm"

@@ -22,8 +22,8 @@ def tiny_model(
     """Write a tiny random Stable Diffusion 1.x (diffusers format, ~9 MB) for offline trials."""
     from booth.dreambooth.tiny import save_tiny_model
 
-    if folder.exists() and any(folder.iterdir()):
-        raise fail(f"{folder} exists and is not empty; choose a new folder")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise fail(f"{folder} exists and is not an empty folder; choose a new folder")
     path = save_tiny_model(folder, seed=seed)
     typer.echo(str(path.resolve()))
 

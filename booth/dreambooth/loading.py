@@ -42,7 +42,11 @@ _WHAT_TO_DO = ("download it first where there is a network (`hf download {id}`),
 def ensure_downloadable(base_model: str) -> None:
     """Before loading a hub model that is not in the cache: a hub that cannot be reached is
     said at once, rather than after the libraries' retries and timeouts."""
+    import urllib.request
+
     if Path(base_model).expanduser().exists() or _in_hub_cache(base_model):
+        return
+    if urllib.request.getproxies():  # the hub library goes through the proxy; a socket cannot
         return
     import socket
     from urllib.parse import urlsplit
@@ -109,13 +113,16 @@ def quiet_progress(source: str | None = None):
             lib.enable_progress_bar()
 
 
-def load_pipeline(base_model: str, device=None, dtype=None):
-    """A `StableDiffusionPipeline` for inference, without safety checker or progress bars."""
+def load_pipeline(base_model: str, device=None, dtype=None, half_on_cuda: bool = False):
+    """A `StableDiffusionPipeline` for inference, without safety checker or progress bars;
+    `half_on_cuda`: fp16 when the device is CUDA (half the memory, faster)."""
     source = resolve_base_model(base_model)  # before the seconds of importing torch
     ensure_downloadable(source)
     import torch
     from diffusers import StableDiffusionPipeline
 
+    if dtype is None and half_on_cuda and torch.cuda.is_available():
+        dtype = torch.float16
     try:
         with quiet_progress(source):
             pipeline = StableDiffusionPipeline.from_pretrained(
@@ -130,10 +137,7 @@ def load_pipeline(base_model: str, device=None, dtype=None):
 def load_inference_pipeline(base_model: str):
     """The pipeline for generating images: fp16 on CUDA (half the memory, faster), fp32
     elsewhere (CPU fp16 is slow or unsupported)."""
-    ensure_downloadable(resolve_base_model(base_model))  # said before torch is imported
-    import torch
-
-    return load_pipeline(base_model, dtype=torch.float16 if torch.cuda.is_available() else None)
+    return load_pipeline(base_model, half_on_cuda=True)
 
 
 def default_device():

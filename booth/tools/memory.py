@@ -42,6 +42,7 @@ class Knobs:
     train_text_encoder: bool = True
     use_lora: bool = False
     lora_rank: int = 4
+    priors: bool = True  # prior preservation: a class image beside each subject image
 
 
 # The ladder, cheapest loss of quality first: each rung adds one trick to the one before.
@@ -57,7 +58,7 @@ LADDER = (
     ("use_lora=true, mixed_precision='fp16', gradient_checkpointing=true, "
      "train_batch_size=1", {"mixed_precision": "fp16", "use_lora": True,
                             "gradient_checkpointing": True, "train_text_encoder": False,
-                            "examples": 2}),
+                            "train_batch_size": 1}),
 )
 
 
@@ -113,10 +114,18 @@ def plan(counts: dict[str, float], knobs: Knobs, free: float,
     if needed + HEADROOM <= free:
         return Plan(needed, free, source)
     for words, changes in LADDER[1:]:
-        rung = dataclasses.replace(knobs, **changes)
+        rung = _rung(knobs, changes)
         if needed_bytes(counts, rung) + HEADROOM <= free:
             return Plan(needed, free, source, words)
     return Plan(needed, free, source)
+
+
+def _rung(knobs: Knobs, changes: dict) -> Knobs:
+    """`knobs` with a rung's changes; a batch of one is one image, two with priors."""
+    changes = dict(changes)
+    if changes.pop("train_batch_size", None) == 1:
+        changes["examples"] = 2 if knobs.priors else 1
+    return dataclasses.replace(knobs, **changes)
 
 
 def parameter_counts(base_model: str) -> dict[str, float]:

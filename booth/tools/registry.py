@@ -58,8 +58,8 @@ class Tool:
     # Optional: (ctx, validated arguments) -> one line on what the call will cost
     # ("800 steps, about 2 min on cuda"), shown when the user is asked to approve it.
     estimate: Callable[[Any, dict[str, Any]], str | None] | None = None
-    # Optional: validated arguments -> what to do when the GPU ran out of memory.
-    out_of_memory: Callable[[dict[str, Any]], str] | None = None
+    # Optional: (ctx, validated arguments) -> what to do when the GPU ran out of memory.
+    out_of_memory: Callable[[Any, dict[str, Any]], str] | None = None
     # Optional: (ctx, validated arguments) -> a memory plan (booth.tools.memory.Plan) to show
     # before approving; None where there is no GPU to plan for.
     memory_plan: Callable[[Any, dict[str, Any]], Any] | None = None
@@ -100,7 +100,7 @@ class Tool:
         except RuntimeError as error:
             if not _out_of_memory(error):
                 raise
-            advice = self.out_of_memory(arguments) if self.out_of_memory else (
+            advice = self.out_of_memory(ctx, arguments) if self.out_of_memory else (
                 "close other programs using the GPU, or ask for fewer images at a time")
             raise ToolError(f"the GPU ran out of memory. {advice}") from None
 

@@ -101,14 +101,19 @@ def resume_checkpoint(
     return _result(run, result)
 
 
-# The field's memory ladder (diffusers' DreamBooth docs), cheapest loss of quality first.
-def _out_of_memory(name: str) -> str:
-    return (
-        f"Checkpoints already saved are kept (resume_checkpoint run={name!r} continues from "
-        "the last one with the same settings). To fit, start a new run with, in this order: "
-        "mixed_precision='fp16' (or 'bf16'), gradient_checkpointing=true, use_8bit_adam=true, "
-        "train_text_encoder=false, or use_lora=true (fits in ~8 GB)"
-    )
+def _out_of_memory(ctx: ToolContext, run: str | None) -> str:
+    """What to do after running out of GPU memory: the memory ladder (booth.tools.memory),
+    and resuming only where a checkpoint was saved (a run that failed before its first one
+    has been removed)."""
+    from booth.dreambooth.checkpoints import list_checkpoints
+    from booth.tools.memory import LADDER
+
+    rungs = "; or ".join(words for words, _ in LADDER[1:])
+    advice = f"To fit, start a new run with, in this order: {rungs}."
+    if run and list_checkpoints(ctx.workspace.run_dir(run)):
+        advice = (f"Its checkpoints are kept: resume_checkpoint run={run!r} continues from the "
+                  f"last one with the same settings. {advice}")
+    return advice
 
 
 def _check_base_model(base_model: str) -> str:
@@ -245,7 +250,8 @@ def _memory_plan(ctx: ToolContext, config: TrainConfig):
         mixed_precision=config.mixed_precision,
         gradient_checkpointing=config.gradient_checkpointing,
         use_8bit_adam=config.use_8bit_adam, train_text_encoder=config.train_text_encoder,
-        use_lora=config.use_lora, lora_rank=config.lora_rank)
+        use_lora=config.use_lora, lora_rank=config.lora_rank,
+        priors=config.with_prior_preservation)
     return memory.plan(memory.parameter_counts(config.base_model), knobs, free,
                        measured_peak(ctx.workspace.root, _setup(config)))
 
@@ -307,7 +313,7 @@ resume_checkpoint.estimate = _estimate_resume
 train.memory_plan = lambda ctx, args: _memory_plan(ctx, _planned_config(ctx, args))
 resume_checkpoint.memory_plan = lambda ctx, args: _memory_plan(
     ctx, load_config_of(ctx.workspace.existing_run(args["run"])))
-train.out_of_memory = lambda args: _out_of_memory(args.get("run_name") or "<the run>")
-resume_checkpoint.out_of_memory = lambda args: _out_of_memory(args["run"])
+train.out_of_memory = lambda ctx, args: _out_of_memory(ctx, args.get("run_name"))
+resume_checkpoint.out_of_memory = lambda ctx, args: _out_of_memory(ctx, args["run"])
 train.uses_gpu = True
 resume_checkpoint.uses_gpu = True
