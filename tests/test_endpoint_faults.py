@@ -370,3 +370,14 @@ def test_an_older_vllms_unwrapped_error_event_is_reported_in_its_words():
         with pytest.raises(EndpointError) as caught:
             model_for(llm).complete(START, SPECS)
     assert "reported an error while answering: prompt too long" in str(caught.value)
+
+
+def test_an_answer_cut_at_the_token_limit_says_to_raise_max_tokens(tmp_path):
+    cut = call("note", '{"text": "abc')
+    cut["finish_reason"] = "length"
+    with FakeLLM([cut, reply("Sorry.")]) as llm:
+        session = session_for(llm, tmp_path, max_tokens=64)
+        session.send("note x")
+    said = [e["text"] for e in events(tmp_path, "notice")]
+    assert any("cut off at the token limit (--max-tokens 64)" in text for text in said)
+    assert RAN == []  # the cut call never ran

@@ -161,6 +161,11 @@ class OpenAIChatModel:
         if form and not self._told_text_calls:
             self._told_text_calls = True
             self._notices.append(servers.text_calls_notice(form, self._server_kind))
+        if turn.finish_reason == "length":  # a call cut mid-way reads as broken JSON
+            limit = self.settings.max_tokens
+            where = f"--max-tokens {limit}" if limit else "the server's default"
+            self._notices.append(f"the model's answer was cut off at the token limit ({where}):"
+                                 " pass a larger --max-tokens if calls or answers end mid-way")
         turn.notices, self._notices = self._notices, []
         return turn
 
@@ -188,7 +193,8 @@ class OpenAIChatModel:
         with create(**request, stream=True, timeout=timeout) as response:
             reader, held = reply.StreamReader(), text_calls.Holdback(names)
             try:
-                for piece in reader.read(_begun_by(response.iter_bytes(), reader, deadline)):
+                chunks = _begun_by(response.iter_bytes(), reader, deadline, waiting.stop)
+                for piece in reader.read(chunks):
                     waiting.stop()
                     screen.feed(held.feed(piece))
                 turn, form = text_calls.read_calls(reader.turn(), names)
@@ -270,12 +276,15 @@ class Waiting:
                                          f"(gives up at {self.limit:g} s)"))
 
 
-def _begun_by(chunks: Iterator[bytes], reader: reply.StreamReader,
-              deadline: float) -> Iterator[bytes]:
+def _begun_by(chunks: Iterator[bytes], reader: reply.StreamReader, deadline: float,
+              begun: Callable[[], None]) -> Iterator[bytes]:
     """The stream's bytes, ended once the deadline passes with no answer begun: a proxy's
-    keep-alive comments would otherwise reset every read timeout forever."""
+    keep-alive comments would otherwise reset every read timeout forever. `begun()` is
+    called once the answer has begun, text or tool call (the waiting line then ends)."""
     for chunk in chunks:
-        if not reader.begun and time.monotonic() > deadline:
+        if reader.begun:
+            begun()
+        elif time.monotonic() > deadline:
             raise reply.BrokenReply("sent nothing but keep-alives")
         yield chunk
 
