@@ -47,11 +47,11 @@ class Decision:
         return "always" if self.always else "edited" if self.edited else "approved"
 
 
-def cost_line(tool, ctx, arguments: dict) -> str | None:
+def cost_line(tool, ctx, arguments: dict, plan=None) -> str | None:
     """The tool's own estimate of what the call costs (time, and GPU memory where it plans
-    it), or None; never fails the approval."""
+    it: `plan`, or the tool's), or None; never fails the approval."""
     parts = [_courtesy(tool.estimate, ctx, arguments)]
-    plan = memory_plan(tool, ctx, arguments)
+    plan = plan or memory_plan(tool, ctx, arguments)
     parts.append(plan.words() if plan else None)
     return "; ".join(p for p in parts if p) or None
 
@@ -87,8 +87,8 @@ class AutoApprove:
         self.ui = ui or ChatUI(console)
 
     def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
-        show_call(self.ui, tool, arguments, cost_line(tool, ctx, arguments))
         plan = memory_plan(tool, ctx, arguments)
+        show_call(self.ui, tool, arguments, cost_line(tool, ctx, arguments, plan))
         if plan is not None and not plan.fits:  # nobody to decide: do not start what must fail
             reason = f"not run: it {plan.words()}; call it again with those settings"
             self.ui.refused(tool.name, reason)
@@ -125,9 +125,8 @@ class AskUser:
         return read(prompt).strip()
 
     def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
-        cost = cost_line(tool, ctx, arguments)
-        show_call(self.ui, tool, arguments, cost)
         plan = memory_plan(tool, ctx, arguments)
+        show_call(self.ui, tool, arguments, cost_line(tool, ctx, arguments, plan))
         if plan is not None and not plan.fits:
             self.ui.notice("This will probably run out of GPU memory (see the cost line); "
                            "you may edit the arguments (e) or run it anyway.")

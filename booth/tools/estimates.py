@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from booth.tools.calibration import Estimate, Setup, estimate, record
+from booth.tools.calibration import PIXEL_EXPONENT, Estimate, Setup, estimate, record
 
 # Rough guesses, used until this machine has measured something comparable. Training: seconds
 # per example (forward + backward) at a reference resolution, and the fixed seconds of a run
@@ -82,7 +82,8 @@ def training_time(workspace_root: Path, base_model: str, setup: Setup, steps: in
                   fixed: bool = True) -> Estimate:
     """`fixed`: whether the run's fixed cost counts (a resume pays it too)."""
     reference, per_example, fixed_guess = _TRAIN_GUESS[(device_kind(), model_size(base_model))]
-    per_step = per_example * setup.examples * ((setup.resolution / reference) ** 2) ** 0.8
+    pixels = (setup.resolution / reference) ** 2
+    per_step = per_example * setup.examples * pixels ** PIXEL_EXPONENT
     return estimate(workspace_root, setup, steps, per_step, fixed_guess if fixed else 0)
 
 
@@ -106,7 +107,7 @@ def generate_setup(base_model: str, resolution: int, guidance: float) -> Setup:
 def generation_time(workspace_root: Path, base_model: str, setup: Setup, images: int,
                     steps: int) -> Estimate:
     reference, per_unit, load = _GENERATE_GUESS[(device_kind(), model_size(base_model))]
-    per_unit *= setup.examples / 2 * ((setup.resolution / reference) ** 2) ** 0.8
+    per_unit *= setup.examples / 2 * ((setup.resolution / reference) ** 2) ** PIXEL_EXPONENT
     return estimate(workspace_root, setup, images * steps, per_unit, load)
 
 
