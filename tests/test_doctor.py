@@ -188,3 +188,13 @@ def test_only_the_streamed_probe_failing_suggests_no_stream(workspace, tiny_mode
     assert checks["tool calls"].startswith("✓") and "--no-stream" not in checks["tool calls"]
     assert checks["tool calls (streamed)"].startswith("✗")
     assert "chat with --no-stream" in checks["tool calls (streamed)"]
+
+
+def test_a_server_that_echoes_the_key_never_shows_it(workspace, tiny_model):
+    from fakellm import error
+
+    key = "sk-doctor-0123456789"
+    with FakeLLM([error(401, f"bad key {key}"), error(401, f"bad key {key}")]) as llm:
+        result = runner.invoke(app, ["-w", workspace, "--base-model", tiny_model, "doctor",
+                                     "--base-url", llm.base_url, "--api-key", key, "--json"])
+    assert key not in result.output and "***" in result.output

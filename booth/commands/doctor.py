@@ -16,7 +16,7 @@ import inspect
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -121,7 +121,17 @@ def run_checks(ctx, options: dict) -> list[Check]:
     checks = [_python(), *_machine(), *_endpoint(settings)]
     base = _base_model(ctx.base_model)
     checks += [base.check, _disk(ctx.workspace.root, base.weights)]
-    return checks
+    return _masked(checks, settings.secrets())
+
+
+def _masked(checks: list[Check], secrets: list[str]) -> list[Check]:
+    """Checks with the key and any URL password masked: a server's error text may echo them,
+    and chat never shows them either."""
+    from booth.agent.masking import Masker
+
+    mask = Masker(secrets)
+    return [replace(c, **{k: mask(v) for k, v in asdict(c).items()
+                                     if isinstance(v, str)}) for c in checks]
 
 
 # --- Python, torch, GPU, libraries -----------------------------------------------------------
