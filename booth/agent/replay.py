@@ -98,7 +98,7 @@ class RecordedDecisions:
     def __init__(self, policy, approvals: dict[str, dict], ui: ChatUI,
                  stops: dict[str, dict] | None = None):
         self.policy, self.approvals, self.ui = policy, approvals, ui
-        self.stops = stops or {}  # call id -> recorded result, for calls stopped by Ctrl-C
+        self.stops = stops or {}  # call id -> recorded result, for calls stopped part-way
         self.refused: set[str] = set()  # call ids refused in this replay
 
     def decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
@@ -121,11 +121,11 @@ class RecordedDecisions:
                 metrics = ctx.workspace.run_dir(run) / "metrics.jsonl"
             except ToolError:  # a name no workspace accepts: the call fails anyway
                 return (None,)
-            self.ui.info(f"(the recording stopped this call at step {step} with Ctrl-C; the "
-                         "replay stops it there too)")
+            self.ui.info(f"(the recording stopped this call at step {step}; the replay stops "
+                         "it there too)")
             return metrics, step
-        self.ui.notice(f"The recording stopped this {name} call part-way (Ctrl-C); the replay "
-                       "cannot stop it at the same point, so it runs to its end.")
+        self.ui.notice(f"The recording stopped this {name} call part-way; the replay cannot "
+                       "stop it at the same point, so it runs to its end.")
         return (None,)
 
     def _decide(self, tool, call_id: str, arguments: dict, ctx) -> Decision:
