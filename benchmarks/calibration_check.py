@@ -8,10 +8,11 @@ of the same settings, train those 120 steps, and compare (tiny model, this machi
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from common import subject_dataset
 
 
 def main() -> None:
@@ -59,34 +60,19 @@ def seconds_of(ctx, arguments: dict) -> float:
 
 
 def make_workspace(tmp: Path, resolution: int) -> tuple[Path, str]:
-    """The tiny model, 3 subject photos and 4 class images found as a prior set."""
-    import numpy as np
-    from PIL import Image
+    """The tiny model, 3 subject photos and 4 class images, made by booth's own tools."""
+    from rich.console import Console
 
-    from booth.dreambooth.priors import PriorKey, image_name
     from booth.dreambooth.tiny import save_tiny_model
+    from booth.tools import ToolContext, get_tool
 
     model = str(save_tiny_model(tmp / "model"))
     root = tmp / "workspace"
-    rng = np.random.default_rng(0)
-    images = root / "datasets" / "rex" / "images"
-    images.mkdir(parents=True)
-    files = []
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(
-            images / f"{i + 1:04d}.png")
-        files.append({"file": f"images/{i + 1:04d}.png"})
-    manifest = {"instance_token": "sks", "instance_prompt": "a photo of sks dog",
-                "class_prompt": "a photo of a dog", "resolution": resolution, "images": files}
-    (root / "datasets" / "rex" / "manifest.json").write_text(json.dumps(manifest))
-    key = PriorKey.create(model, "a photo of a dog", resolution=resolution)
-    priors = root / "priors" / key.folder_name()
-    priors.mkdir(parents=True)
-    for n in range(1, 5):
-        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(
-            priors / image_name(n))
-    (priors / "priors.json").write_text(json.dumps({"key": {**key.identity(),
-                                                           "source": model}}))
+    subject_dataset(root, resolution)
+    ctx = ToolContext.from_options(workspace=str(root), base_model=model,
+                                   console=Console(stderr=True, quiet=True))
+    get_tool("generate_priors").run(ctx, {"class_prompt": "a photo of a dog", "num_images": 4,
+                                          "resolution": resolution, "num_inference_steps": 2})
     return root, model
 
 

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import subject_dataset
+
 STEPS, EVERY = 24, 5  # steps per run, checkpointing_steps: 4 checkpoints and a final export
 KINDS = ("before_first_checkpoint", "during_checkpoint_write", "during_export", "random")
 
@@ -50,23 +52,11 @@ def main() -> None:
 
 
 def setup(root: Path) -> tuple[str, Path, Path]:
-    import numpy as np
-    from PIL import Image
-
     from booth.dreambooth.tiny import save_tiny_model
 
     model = str(save_tiny_model(root / "model"))
     workspace = root / "workspace"
-    rng = np.random.default_rng(5)
-    images = workspace / "datasets" / "rex" / "images"
-    images.mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-            images / f"{i + 1:04d}.png")
-    manifest = {"instance_token": "sks", "instance_prompt": "a photo of sks dog",
-                "class_prompt": "a photo of a dog", "resolution": 64,
-                "images": [{"file": f"images/{i + 1:04d}.png"} for i in range(3)]}
-    (workspace / "datasets" / "rex" / "manifest.json").write_text(json.dumps(manifest))
+    subject_dataset(workspace, 64, seed=5)
     canary = root / "outside"
     canary.mkdir()
     (canary / "keep.txt").write_text("must not change\n")
@@ -170,7 +160,7 @@ def snapshot(folder: Path) -> dict:
 
 def stray_files(root: Path, workspace: Path, canary: Path) -> list[str]:
     """Files the runs created outside the workspace (the model and canary were made here)."""
-    allowed = (workspace, canary, root / "model")
+    allowed = (workspace, canary, root / "model", root / "photos-rex")
     return [str(p) for p in root.rglob("*")
             if p.is_file() and not any(a == p or a in p.parents for a in allowed)]
 

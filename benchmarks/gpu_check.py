@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's booth
 
+from common import subject_dataset  # noqa: E402 - after the path is set
+
 RUNGS = [  # (name, settings): the ladder of booth.tools.memory, as train arguments
     ("full, text encoder, fp32", {}),
     ("fp16 + checkpointing + 8-bit Adam", {"mixed_precision": "fp16",
@@ -94,23 +96,9 @@ def build_model(folder: Path, tiny: bool) -> str:
 
 
 def workspace_for(root: Path, resolution: int) -> Path:
-    import numpy as np
-    from PIL import Image
-
     workspace = root / "workspace"
-    images = workspace / "datasets" / "subject" / "images"
-    if images.is_dir():
-        return workspace
-    images.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    files = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(
-            images / f"{i + 1:04d}.png")
-        files.append({"file": f"images/{i + 1:04d}.png"})
-    manifest = {"instance_token": "sks", "instance_prompt": "a photo of sks dog",
-                "class_prompt": "a photo of a dog", "resolution": resolution, "images": files}
-    (images.parent / "manifest.json").write_text(json.dumps(manifest))
+    if not (workspace / "datasets" / "subject").is_dir():
+        subject_dataset(workspace, resolution, name="subject", count=4)
     return workspace
 
 
