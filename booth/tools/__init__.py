@@ -3,7 +3,7 @@
 Importing this package is cheap (no torch); each tool imports the engine when it runs.
 """
 
-from booth.tools.context import EXIT_TERMINATED, Terminated, ToolContext, terminate_raises
+from booth.tools.context import Terminated, ToolContext, terminate_raises
 from booth.tools.dataset import prepare_dataset
 from booth.tools.priors import generate_priors
 from booth.tools.registry import Tool, ToolArgumentError, ToolError, parse_arguments
@@ -25,7 +25,6 @@ def get_tool(name: str, tools: dict[str, Tool] = TOOLS) -> Tool:
 
 
 __all__ = [
-    "EXIT_TERMINATED",
     "TOOLS",
     "Terminated",
     "Tool",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
-from booth.dreambooth.config import TrainConfig
+from booth.dreambooth.config import TrainConfig, load_config
 from booth.schema import setting
 from booth.tools import estimates
 from booth.tools.context import ToolContext
@@ -91,7 +91,6 @@ def resume_checkpoint(
     """Continue a run from a checkpoint as if it never stopped (later checkpoints are
     replaced); a larger max_train_steps extends it."""
     from booth.dreambooth import trainer
-    from booth.dreambooth.config import load_config
 
     run_dir = ctx.workspace.existing_run(run)
     result = trainer.resume(run_dir, checkpoint, max_train_steps, console=ctx.console,
@@ -269,7 +268,6 @@ def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:
 
 def _estimate_resume(ctx: ToolContext, args: dict[str, Any]) -> str | None:
     from booth.dreambooth.checkpoints import list_checkpoints, resolve_checkpoint
-    from booth.dreambooth.config import load_config
 
     run_dir = ctx.workspace.existing_run(args["run"])
     config = load_config(run_dir / "run.yaml")
@@ -285,12 +283,6 @@ def _estimate_resume(ctx: ToolContext, args: dict[str, Any]) -> str | None:
     cost = (f"from {start} to step {total}: {left} steps, "
             f"{time_needed.words(estimates.device_name())}")
     return cost + _discarded(run_dir, step)
-
-
-def load_config_of(run_dir: Path) -> TrainConfig:
-    from booth.dreambooth.config import load_config
-
-    return load_config(run_dir / "run.yaml")
 
 
 def _discarded(run_dir: Path, step: int) -> str:
@@ -312,7 +304,7 @@ train.estimate = _estimate_train
 resume_checkpoint.estimate = _estimate_resume
 train.memory_plan = lambda ctx, args: _memory_plan(ctx, _planned_config(ctx, args))
 resume_checkpoint.memory_plan = lambda ctx, args: _memory_plan(
-    ctx, load_config_of(ctx.workspace.existing_run(args["run"])))
+    ctx, load_config(ctx.workspace.existing_run(args["run"]) / "run.yaml"))
 train.out_of_memory = lambda ctx, args: _out_of_memory(ctx, args.get("run_name"))
 resume_checkpoint.out_of_memory = lambda ctx, args: _out_of_memory(ctx, args["run"])
 train.uses_gpu = True
