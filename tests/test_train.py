@@ -301,7 +301,9 @@ def test_nan_loss_stops_with_the_step_and_a_lower_learning_rate(tool_context, mo
     import booth.dreambooth.trainer as trainer
 
     make_dataset(tool_context.workspace.root)
-    monkeypatch.setattr(trainer, "_losses", lambda *a: {"loss": torch.tensor(float("nan"))})
+    real = trainer._losses  # the real loss made NaN: it has a graph, as a diverged one does
+    monkeypatch.setattr(trainer, "_losses",
+                        lambda *a: {k: v * torch.tensor(float("nan")) for k, v in real(*a).items()})
     with pytest.raises(ToolError, match=r"NaN.*step 1.*lower learning_rate"):
         get_tool("train").run(tool_context, {
             "dataset": "rex", "max_train_steps": 5, "learning_rate": 1e-4,

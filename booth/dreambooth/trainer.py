@@ -12,7 +12,6 @@ from a file we write ourselves (see checkpoints.py).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -53,6 +52,7 @@ from booth.dreambooth.setup import (
     tracker_config,
     wait_for_everyone,
 )
+from booth.dreambooth.step_log import StepLog, read_every
 from booth.dreambooth.train_data import (
     input_changes,
     input_fingerprint,
@@ -218,55 +218,58 @@ def _loop(t: Training, config: TrainConfig, run_dir: Path, state: dict, console,
     main = accelerator.is_main_process
     with progress, ((run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main
                     else nullcontext()) as metrics:
-        while True:
-            # Same (seed, epoch) -> same order; a resumed run skips what it already saw.
-            t.loader.set_epoch(state["epoch"])
-            t.dataset.set_epoch(state["epoch"])
-            skip = state["batches_in_epoch"]
-            batches = accelerator.skip_first_batches(t.loader, skip) if skip else t.loader
-            sums: dict = {}
-            for batch in batches:
-                state["batches_in_epoch"] += 1
-                losses, lr = _micro_step(t, batch, config, state["step"] + 1)
-                for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + accelerator.reduce(value, "mean").item()
-                sums["n"] = sums.get("n", 0) + 1
-                if not accelerator.sync_gradients:
-                    continue  # accumulating: the optimizer has not stepped yet
-                state["step"] += 1
-                state["elapsed"] = elapsed_before + time.monotonic() - resumed_at
-                row = _metrics_row(state, sums, lr)
-                sums, loss = {}, row["loss"]
-                if state["batches_in_epoch"] == len(t.loader):  # the next step starts an epoch
-                    state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
-                if main:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()  # a killed run keeps every finished step
-                if config.report_to != "none":
-                    accelerator.log({k: v for k, v in row.items() if k != "step"},
-                                    step=state["step"])
-                done = state["step"] >= config.max_train_steps
-                if state["step"] % config.checkpointing_steps == 0 or done:
-                    _checkpoint(t, run_dir, state, config, progress)
-                    saved_at = state["step"]
-                progress.update(task, completed=state["step"], loss=f"{loss:.4f}")
-                if done:
-                    return "completed", loss
-                if stop_everywhere(accelerator, should_stop()):
-                    if saved_at != state["step"]:
+        log = StepLog(accelerator, metrics, read_every(config, accelerator.device), config,
+                      tracking=config.report_to != "none")
+        try:
+            while True:
+                # Same (seed, epoch) -> same order; a resumed run skips what it already saw.
+                t.loader.set_epoch(state["epoch"])
+                t.dataset.set_epoch(state["epoch"])
+                skip = state["batches_in_epoch"]
+                batches = accelerator.skip_first_batches(t.loader, skip) if skip else t.loader
+                micros: list = []
+                for batch in batches:
+                    state["batches_in_epoch"] += 1
+                    losses, lr = _micro_step(t, batch, config)
+                    micros.append(losses)  # on the device: read by `log` every few steps
+                    if not accelerator.sync_gradients:
+                        continue  # accumulating: the optimizer has not stepped yet
+                    state["step"] += 1
+                    state["elapsed"] = elapsed_before + time.monotonic() - resumed_at
+                    log.add(state, lr, micros)
+                    micros = []
+                    if state["batches_in_epoch"] == len(t.loader):  # the next step: new epoch
+                        state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
+                    done = state["step"] >= config.max_train_steps
+                    save = state["step"] % config.checkpointing_steps == 0 or done
+                    if save or log.due:  # checked and written before any checkpoint
+                        loss = log.flush()
+                        progress.update(task, loss=f"{loss:.4f}")
+                    if save:
                         _checkpoint(t, run_dir, state, config, progress)
-                    return "interrupted", loss
+                        saved_at = state["step"]
+                    progress.update(task, completed=state["step"])
+                    if done:
+                        return "completed", loss
+                    # Launched, asking the others is a sync: only where the log was read.
+                    if (accelerator.num_processes == 1 or not log.pending) and \
+                            stop_everywhere(accelerator, should_stop()):
+                        loss = log.flush() or loss
+                        if saved_at != state["step"]:
+                            _checkpoint(t, run_dir, state, config, progress)
+                        return "interrupted", loss
+        except BaseException:
+            log.flush_quietly()  # the steps that finished before the failure stay logged
+            raise
 
 
-def _micro_step(t: Training, batch, config: TrainConfig, step: int):
-    """Forward and backward of one batch; the optimizer steps when accumulation is complete."""
-    import torch
+def _micro_step(t: Training, batch, config: TrainConfig):
+    """Forward and backward of one batch; the optimizer steps when accumulation is complete.
 
+    Nothing here waits for the device: the losses are returned as device tensors."""
     with t.accelerator.accumulate(*t.models):
         losses = _losses(batch, t.models[0], t.prompts, t.noise_scheduler, t.generator, config,
                          t.scaling)
-        if not torch.isfinite(losses["loss"]):
-            raise TrainingError(_diverged(step, config))
         t.accelerator.backward(losses["loss"])
         if t.accelerator.sync_gradients and config.max_grad_norm > 0:
             t.accelerator.clip_grad_norm_(t.params, config.max_grad_norm)
@@ -304,14 +307,6 @@ def _losses(batch, unet, prompts, noise_scheduler, generator, config, scaling) -
     return {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
 
 
-def _metrics_row(state: dict, sums: dict, lr: float) -> dict:
-    """One metrics.jsonl line; losses are averaged over the accumulated micro-batches."""
-    row = {"step": state["step"]}
-    row.update({k: v / sums["n"] for k, v in sums.items() if k != "n"})
-    row.update(lr=lr, epoch=state["epoch"], elapsed=round(state["elapsed"], 3))
-    return row
-
-
 def _checkpoint(t: Training, run_dir: Path, state: dict, config: TrainConfig,
                 progress) -> None:
     models = ["unet", "text_encoder"][: len(t.models)]
@@ -336,10 +331,3 @@ def _export(t: Training, config: TrainConfig, run_dir: Path) -> Path:
     t.accelerator.wait_for_everyone()
     return dest
 
-
-def _diverged(step: int, config: TrainConfig) -> str:
-    return (
-        f"the loss became NaN/inf at step {step}: training diverged. Try a lower "
-        f"learning_rate than {config.learning_rate:g} (e.g. {config.learning_rate / 5:g}), "
-        "or resume from an earlier checkpoint"
-    )
