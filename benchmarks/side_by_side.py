@@ -1,0 +1,377 @@
+"""booth against diffusers' own DreamBooth script: same model, data and settings, whole processes.
+
+    python benchmarks/side_by_side.py --diffusers-script D/examples/dreambooth/train_dreambooth.py
+    python benchmarks/side_by_side.py --resolution 64 --steps 300 --repeats 3 --diffusers-script ...
+    python benchmarks/side_by_side.py --steps 20 --class-images 8      # booth alone (no script)
+
+What runs (one temporary workspace, the tiny SD of booth/dreambooth/tiny.py with a
+DPMSolverMultistep scheduler config so both generate class images with the same scheduler):
+- class images: `booth call generate_priors` against the script's own generation path (the
+  script run with an empty class folder, --num_class_images N). Same model, scheduler, 50 steps
+  (the script's pipeline default, given to booth), guidance 7.5, the model's own resolution,
+  batch, count. Seeds differ in kind (booth seeds each image, the script the global RNG): the
+  pixels differ, the work does not. Rate = images after the first batch / seconds between the
+  first batch's files and the last file (file mtimes, the same rule for both).
+- training: `booth call train` against the script at the same settings: the dataset booth's
+  prepare_dataset made and the class images booth made, resolution, text encoder trained,
+  prior preservation (weight 1), batch 1 + 1, steps, lr, constant schedule, AdamW defaults,
+  grad-norm clip 1, seed, fp32, TensorBoard on in both (the script's default), the final
+  pipeline exported by both. Off in both: checkpoints (every 10^6 steps), validation images
+  (the script without --validation_prompt; booth: pass what turns them off with --booth-arg
+  if its train tool has them). Runs alternate booth, diffusers, booth, ... (`--repeats`).
+  steps/s: each one's own step clock past the first `--warmup` steps: booth's metrics.jsonl
+  `elapsed`, the script's TensorBoard wall times of its per-step `loss` scalar.
+  Fixed cost = whole-process wall time - steps x per-step time.
+- peak memory: ru_maxrss of each child from os.wait4 (the same method for both).
+- floor: one process trains booth's run.yaml (report_to none) and then times the same
+  model's bare step on tensors of the same shapes: text encoder forward, UNet forward, MSE,
+  backward, grad clip, AdamW step, zero_grad. booth per-step / floor is the loop's overhead.
+
+Both children get the same threads (OMP_NUM_THREADS, OMP_WAIT_POLICY=PASSIVE, booth's own
+default) and no network (HF_HUB_OFFLINE=1). The script's torchvision import is served by
+benchmarks/diffusers_shim.py, in the diffusers child only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's booth
+
+from common import subject_dataset  # noqa: E402 - after the path is set
+from diffusers_shim import write_shim  # noqa: E402
+
+INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"
+GEN_STEPS, GUIDANCE = 50, 7.5  # the script's pipeline(prompt) defaults
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--diffusers-script", type=Path, help="examples/dreambooth/"
+                        "train_dreambooth.py of a diffusers checkout (without: booth alone)")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of steps/s")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=5e-6)
+    parser.add_argument("--class-images", type=int, default=12)
+    parser.add_argument("--gen-batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
+    parser.add_argument("--booth-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra train argument for booth (e.g. to turn validation off)")
+    parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--floor", type=Path, help=argparse.SUPPRESS)  # the floor child
+    args = parser.parse_args()
+    if args.floor:
+        print(json.dumps(floor_child(args.floor, args.warmup)))
+        return
+    script = args.diffusers_script
+    if script is None:
+        print("no --diffusers-script given: measuring booth alone (diffusers' examples are not "
+              "in its PyPI package; pass examples/dreambooth/train_dreambooth.py of a checkout)")
+    elif not script.is_file():
+        sys.exit(f"--diffusers-script {script}: no such file")
+    with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
+        bench = Bench(Path(tmp), args)
+        results = {"generation": [] if args.skip_generation else bench.generation(),
+                   "training": bench.training()}
+        results["floor"] = bench.floor()
+    report(args, results)
+
+
+class Bench:
+    def __init__(self, root: Path, args):
+        self.root, self.args = root, args
+        self.model = str(dpm_model(root / "model"))
+        self.workspace = root / "ws"
+        subject_dataset(self.workspace, args.resolution, name="rex", count=3)
+        self.env = child_env(args.threads)
+        # The class images the training of both uses: booth's, made once, untimed.
+        self.booth_call(self.workspace, "generate_priors", self.gen_arguments(args.class_images))
+        self.class_dir = images_only(next((self.workspace / "priors").iterdir()),
+                                     root / "class-images")
+        self.booth_run = None
+
+    def gen_arguments(self, count: int) -> dict:
+        from booth.dreambooth.priors import natural_resolution
+
+        return {"class_prompt": CLASS_PROMPT, "num_images": count,
+                "batch_size": self.args.gen_batch, "num_inference_steps": GEN_STEPS,
+                "guidance_scale": GUIDANCE, "resolution": natural_resolution(self.model)}
+
+    def booth_call(self, workspace: Path, tool: str, arguments: dict) -> dict:
+        command = [sys.executable, "-m", "booth.cli", "-w", str(workspace), "--base-model",
+                   self.model, "call", tool, json.dumps(arguments)]
+        return run_child(command, self.env, cwd=ROOT)
+
+    def generation(self) -> list[dict]:
+        rows = []
+        for i in range(self.args.repeats):
+            workspace = self.root / f"gen-booth-{i}"
+            run = self.booth_call(workspace, "generate_priors",
+                                  self.gen_arguments(self.args.class_images))
+            rows.append({"who": "booth", **run,
+                         "images_per_s": image_rate(next((workspace / "priors").iterdir()),
+                                                    self.args.gen_batch)})
+            if self.args.diffusers_script:
+                folder = self.root / f"gen-diffusers-{i}"
+                run = self.diffusers(folder, steps=1, num_class_images=self.args.class_images)
+                rows.append({"who": "diffusers", **run,
+                             "images_per_s": image_rate(folder / "class", self.args.gen_batch)})
+        return rows
+
+    def training(self) -> list[dict]:
+        rows = []
+        for i in range(self.args.repeats):
+            run_name = f"bench-{i}"
+            arguments = {"dataset": "rex", "max_train_steps": self.args.steps,
+                         "learning_rate": self.args.learning_rate, "seed": 0,
+                         "resolution": self.args.resolution, "class_prompt": CLASS_PROMPT,
+                         "prior_loss_weight": 1.0, "train_text_encoder": True,
+                         "checkpointing_steps": 10**6, "report_to": "tensorboard",
+                         "run_name": run_name, **dict(parse_pair(p) for p in self.args.booth_arg)}
+            run = self.booth_call(self.workspace, "train", arguments)
+            self.booth_run = self.workspace / "runs" / run_name
+            per_step = booth_per_step(self.booth_run / "metrics.jsonl", self.args.warmup)
+            rows.append({"who": "booth", **run, "per_step": per_step})
+            if self.args.diffusers_script:
+                folder = self.root / f"train-diffusers-{i}"
+                run = self.diffusers(folder, steps=self.args.steps,
+                                     class_dir=self.class_dir,
+                                     num_class_images=len(list(self.class_dir.iterdir())))
+                rows.append({"who": "diffusers", **run,
+                             "per_step": diffusers_per_step(folder / "out", self.args.warmup)})
+        for row in rows:
+            row["fixed_s"] = row["wall_s"] - self.args.steps * row["per_step"]
+        return rows
+
+    def diffusers(self, folder: Path, steps: int, num_class_images: int,
+                  class_dir: Path | None = None) -> dict:
+        runner = write_shim(self.root / "shim")
+        env = {**self.env, "PYTHONPATH": str(runner.parent)}
+        class_dir = class_dir or folder / "class"
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, str(runner), str(self.args.diffusers_script.resolve()),
+            "--pretrained_model_name_or_path", self.model,
+            "--instance_data_dir", str(self.workspace / "datasets" / "rex" / "images"),
+            "--class_data_dir", str(class_dir), "--output_dir", str(folder / "out"),
+            "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
+            "--with_prior_preservation", "--prior_loss_weight", "1.0",
+            "--num_class_images", str(num_class_images),
+            "--sample_batch_size", str(self.args.gen_batch),
+            "--resolution", str(self.args.resolution), "--center_crop", "--train_text_encoder",
+            "--train_batch_size", "1", "--max_train_steps", str(steps),
+            "--learning_rate", str(self.args.learning_rate), "--lr_scheduler", "constant",
+            "--lr_warmup_steps", "0", "--max_grad_norm", "1.0", "--seed", "0",
+            "--checkpointing_steps", str(10**6), "--mixed_precision", "no",
+            "--report_to", "tensorboard",
+        ]
+        return run_child(command, env, cwd=folder)
+
+    def floor(self) -> dict | None:
+        if self.booth_run is None:
+            return None
+        command = [sys.executable, __file__, "--floor", str(self.booth_run / "run.yaml"),
+                   "--warmup", str(self.args.warmup)]
+        run = run_child(command, self.env, cwd=ROOT)
+        return json.loads(run["stdout"].strip().splitlines()[-1])
+
+
+# --- the children ------------------------------------------------------------------------------
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for name in ("PYTHONPATH", "BOOTH_THREADS"):
+        env.pop(name, None)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def run_child(command: list[str], env: dict, cwd: Path) -> dict:
+    """Run a whole process; its wall time, its own peak RSS (wait4) and its stdout."""
+    log = Path(tempfile.mkstemp(prefix="child-", suffix=".log")[1])
+    started = time.monotonic()
+    with log.open("wb") as stderr:
+        child = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                 stderr=stderr)
+        stdout = child.stdout.read().decode(errors="replace")
+        _, status, usage = os.wait4(child.pid, 0)
+    wall = time.monotonic() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        sys.exit(f"{' '.join(command[:4])} ... failed ({child.returncode}):\n"
+                 f"{log.read_text(errors='replace')[-3000:]}")
+    log.unlink()
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
+
+
+def floor_child(run_yaml: Path, warmup: int) -> dict:
+    """booth's loop on its own run.yaml, then the bare step of the same model, one process."""
+    import dataclasses
+
+    from booth.dreambooth.config import load_config
+    from booth.dreambooth.trainer import train
+
+    config = load_config(run_yaml)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = dataclasses.replace(config, output_dir=f"{tmp}/run", report_to="none")
+        result = train(config)
+        booth = booth_per_step(result.run_dir / "metrics.jsonl", warmup)
+    return {"booth_per_step": booth, "floor_per_step": bare_step(config, warmup)}
+
+
+def bare_step(config, warmup: int) -> float:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = config.base_model
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet").train()
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").train()
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+    torch.manual_seed(0)
+    side = config.resolution // 8
+    latents = torch.randn(2, unet.config.in_channels, side, side)
+    noise = torch.randn_like(latents)
+    ids = tokenizer([config.instance_prompt, config.class_prompt], padding="max_length",
+                    truncation=True, max_length=text_encoder.config.max_position_embeddings,
+                    return_tensors="pt").input_ids
+    timesteps = torch.tensor([10, 500])
+    stamps = []
+    for _ in range(config.max_train_steps):
+        hidden = text_encoder(ids)[0]
+        prediction = unet(latents, timesteps, hidden, return_dict=False)[0]
+        loss = F.mse_loss(prediction[:1], noise[:1]) + F.mse_loss(prediction[1:], noise[1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.monotonic())
+    return (stamps[-1] - stamps[warmup - 1]) / (len(stamps) - warmup)
+
+
+# --- reading what each wrote -------------------------------------------------------------------
+
+
+def dpm_model(folder: Path) -> Path:
+    """The tiny SD with a DPMSolverMultistep scheduler config: the script's class images then
+    use the scheduler booth's do. Training reads it as DDPM in both (the same beta schedule)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from booth.dreambooth.tiny import save_tiny_model
+
+    save_tiny_model(folder)
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler.save_config(folder / "scheduler")
+    return folder
+
+
+def images_only(prior_folder: Path, dest: Path) -> Path:
+    """The image files of a booth prior set (the script counts every file as an image)."""
+    import shutil
+
+    dest.mkdir()
+    for path in sorted(prior_folder.iterdir()):
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+            shutil.copy2(path, dest / path.name)
+    return dest
+
+
+def image_rate(folder: Path, batch: int) -> float | None:
+    times = sorted(p.stat().st_mtime for p in folder.iterdir()
+                   if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(times) <= batch:
+        return None
+    return (len(times) - batch) / (times[-1] - times[batch - 1])
+
+
+def booth_per_step(metrics: Path, warmup: int) -> float:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return (rows[-1]["elapsed"] - rows[warmup - 1]["elapsed"]) / (len(rows) - warmup)
+
+
+def diffusers_per_step(output_dir: Path, warmup: int) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(output_dir.glob("logs/**/events.out.tfevents*"))
+    if not events:
+        sys.exit(f"the script wrote no TensorBoard events under {output_dir / 'logs'}")
+    accumulator = EventAccumulator(str(events[-1].parent), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    walls = {e.step: e.wall_time for e in accumulator.Scalars("loss")}  # its last log per step
+    steps = sorted(walls)
+    return (walls[steps[-1]] - walls[steps[warmup - 1]]) / (len(steps) - warmup)
+
+
+def parse_pair(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def report(args, results: dict) -> None:
+    print(f"tiny SD, {args.resolution} px, {args.steps} steps ({args.warmup} warm-up left out "
+          f"of steps/s), text encoder + priors, batch 1+1, fp32, {args.threads} threads, "
+          f"{args.repeats} repeat(s) alternated; medians")
+    if results["generation"]:
+        print(f"class images: {args.class_images} at {GEN_STEPS} DPM steps, batch "
+              f"{args.gen_batch}")
+        _compare(results["generation"], [("images/s", "images_per_s", True)])
+    print("training:")
+    _compare(results["training"], [("steps/s", "steps_per_s", True),
+                                   ("wall s", "wall_s", False), ("fixed s", "fixed_s", False),
+                                   ("peak RSS MB", "peak_rss_mb", False)])
+    floor = results["floor"]
+    if floor:
+        print(f"floor (same process): booth {floor['booth_per_step']:.4f} s/step, bare step "
+              f"{floor['floor_per_step']:.4f} s/step: booth / floor = "
+              f"{floor['booth_per_step'] / floor['floor_per_step']:.2f}x")
+
+
+def _compare(rows: list[dict], columns: list[tuple[str, str, bool]]) -> None:
+    for row in rows:
+        if "per_step" in row:
+            row["steps_per_s"] = 1 / row["per_step"]
+    who = sorted({row["who"] for row in rows}, key=["booth", "diffusers"].index)
+    medians = {w: {key: _median([r.get(key) for r in rows if r["who"] == w])
+                   for _, key, _ in columns} for w in who}
+    for label, key, _ in columns:
+        cells = "  ".join(f"{w} {_fmt(medians[w][key])}" for w in who)
+        ratio = ""
+        if len(who) == 2 and medians["booth"][key] and medians["diffusers"][key]:
+            ratio = f"  booth/diffusers x{medians['booth'][key] / medians['diffusers'][key]:.2f}"
+        print(f"  {label:12} {cells}{ratio}")
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+if __name__ == "__main__":
+    main()
