@@ -24,7 +24,8 @@ DPMSolverMultistep scheduler config so both generate class images with the same 
   Fixed cost = whole-process wall time - steps x per-step time.
 - peak memory: ru_maxrss of each child from os.wait4 (the same method for both).
 - floor: one process trains booth's run.yaml (report_to none) and then times the same
-  model's bare step on tensors of the same shapes: text encoder forward, UNet forward, MSE,
+  model's bare step on tensors of the same shapes (latents at the VAE's own scale factor),
+  `--repeats` times alternated: text encoder forward, UNet forward, MSE,
   backward, grad clip, AdamW step, zero_grad. booth per-step / floor is the loop's overhead.
 
 Both children get the same threads (OMP_NUM_THREADS, OMP_WAIT_POLICY=PASSIVE, booth's own
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--floor", type=Path, help=argparse.SUPPRESS)  # the floor child
     args = parser.parse_args()
     if args.floor:
-        print(json.dumps(floor_child(args.floor, args.warmup)))
+        print(json.dumps(floor_child(args.floor, args.warmup, args.repeats)))
         return
     script = args.diffusers_script
     if script is None:
@@ -182,7 +183,7 @@ class Bench:
         if self.booth_run is None:
             return None
         command = [sys.executable, __file__, "--floor", str(self.booth_run / "run.yaml"),
-                   "--warmup", str(self.args.warmup)]
+                   "--warmup", str(self.args.warmup), "--repeats", str(self.args.repeats)]
         run = run_child(command, self.env, cwd=ROOT)
         return json.loads(run["stdout"].strip().splitlines()[-1])
 
@@ -218,25 +219,29 @@ def run_child(command: list[str], env: dict, cwd: Path) -> dict:
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
 
 
-def floor_child(run_yaml: Path, warmup: int) -> dict:
+def floor_child(run_yaml: Path, warmup: int, repeats: int) -> dict:
     """booth's loop on its own run.yaml, then the bare step of the same model, one process."""
     import dataclasses
 
     from booth.dreambooth.config import load_config
     from booth.dreambooth.trainer import train
 
-    config = load_config(run_yaml)
-    with tempfile.TemporaryDirectory() as tmp:
-        config = dataclasses.replace(config, output_dir=f"{tmp}/run", report_to="none")
-        result = train(config)
-        booth = booth_per_step(result.run_dir / "metrics.jsonl", warmup)
-    return {"booth_per_step": booth, "floor_per_step": bare_step(config, warmup)}
+    booth, floor = [], []
+    for _ in range(repeats):  # alternated, as the processes are
+        with tempfile.TemporaryDirectory() as tmp:
+            config = dataclasses.replace(load_config(run_yaml), output_dir=f"{tmp}/run",
+                                         report_to="none", checkpointing_steps=10**6)
+            result = train(config)
+            booth.append(booth_per_step(result.run_dir / "metrics.jsonl", warmup))
+        floor.append(bare_step(config, warmup))
+    return {"booth_per_step": statistics.median(booth),
+            "floor_per_step": statistics.median(floor)}
 
 
 def bare_step(config, warmup: int) -> float:
     import torch
     import torch.nn.functional as F
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = config.base_model
@@ -246,7 +251,8 @@ def bare_step(config, warmup: int) -> float:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
     torch.manual_seed(0)
-    side = config.resolution // 8
+    vae = AutoencoderKL.load_config(source, subfolder="vae")  # the latents' size, not weights
+    side = config.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
     latents = torch.randn(2, unet.config.in_channels, side, side)
     noise = torch.randn_like(latents)
     ids = tokenizer([config.instance_prompt, config.class_prompt], padding="max_length",
