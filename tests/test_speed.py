@@ -1,6 +1,7 @@
-"""Losses read from the device every few steps (as on a GPU) log what reads every step log:
-the same lines, bit for bit, a NaN stopped before any checkpoint holds it, a stop that keeps
-every finished step."""
+"""The speed work keeps what a user sees: losses read from the device every few steps (as on
+a GPU) log what reads every step log (the same lines, bit for bit; a NaN stopped before any
+checkpoint holds it; a stop keeps every finished step), and GPU-only speed-ups asked for on
+a CPU say so and change nothing."""
 
 from __future__ import annotations
 
@@ -95,3 +96,18 @@ def test_a_stop_between_reads_keeps_every_finished_step(config):
 def test_log_every_out_of_range_is_refused(config, value):
     with pytest.raises(ConfigError, match="log_every"):
         config("bad", log_every=value).check()
+
+
+@pytest.mark.slow
+def test_gpu_speedups_asked_on_a_cpu_say_so_and_change_no_loss(config):
+    from rich.console import Console
+
+    from booth.dreambooth.trainer import train
+
+    plain = train(config("plain", max_train_steps=3))
+    console = Console(record=True, width=200)
+    asked = train(config("asked", max_train_steps=3, compile_unet=True, allow_tf32=True),
+                  console=console)
+    said = console.export_text()
+    assert "compile_unet pays only on a GPU" in said and "allow_tf32 needs an Ampere" in said
+    assert lines(asked.run_dir) == lines(plain.run_dir)
