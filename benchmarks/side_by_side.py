@@ -15,10 +15,12 @@ DPMSolverMultistep scheduler config so both generate class images with the same 
 - training: `booth call train` against the script at the same settings: the dataset booth's
   prepare_dataset made and the class images booth made, resolution, text encoder trained,
   prior preservation (weight 1), batch 1 + 1, steps, lr, constant schedule, AdamW defaults,
-  grad-norm clip 1, seed, fp32, TensorBoard on in both (the script's default), the final
-  pipeline exported by both. Off in both: checkpoints (every 10^6 steps), validation images
-  (the script without --validation_prompt; booth: pass what turns them off with --booth-arg
-  if its train tool has them). Runs alternate booth, diffusers, booth, ... (`--repeats`).
+  grad-norm clip 1, seed, --mixed-precision (fp32), TensorBoard on in both (the script's
+  default), the final pipeline exported by both (booth also saves a last checkpoint, so the run
+  can be resumed further: part of its fixed cost). Off in both: checkpoints (every 10^6
+  steps), validation images (the script without --validation_prompt; booth: pass what turns
+  them off with --booth-arg if its train tool has them). Runs alternate booth, diffusers,
+  booth, ... (`--repeats`).
   steps/s: each one's own step clock past the first `--warmup` steps: booth's metrics.jsonl
   `elapsed`, the script's TensorBoard wall times of its per-step `loss` scalar.
   Fixed cost = whole-process wall time - steps x per-step time.
@@ -55,7 +57,7 @@ GEN_STEPS, GUIDANCE = 50, 7.5  # the script's pipeline(prompt) defaults
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--diffusers-script", type=Path, help="examples/dreambooth/"
                         "train_dreambooth.py of a diffusers checkout (without: booth alone)")
@@ -69,9 +71,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
     parser.add_argument("--booth-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra train argument for booth (e.g. to turn validation off)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--floor", type=Path, help=argparse.SUPPRESS)  # the floor child
-    args = parser.parse_args()
+    return parser
+
+
+PARSER_DEFAULTS = make_parser().parse_args([])
+
+
+def main() -> None:
+    args = make_parser().parse_args()
     if args.floor:
         print(json.dumps(floor_child(args.floor, args.warmup, args.repeats)))
         return
@@ -89,13 +100,18 @@ def main() -> None:
     report(args, results)
 
 
+def options(**changes) -> argparse.Namespace:
+    """The command line's settings with `changes`, for a caller (gpu_check.py) to use Bench."""
+    return argparse.Namespace(**{**vars(PARSER_DEFAULTS), **changes})
+
+
 class Bench:
-    def __init__(self, root: Path, args):
+    def __init__(self, root: Path, args, model: str | None = None):
         self.root, self.args = root, args
-        self.model = str(dpm_model(root / "model"))
+        self.model = model or str(dpm_model(root / "model"))
         self.workspace = root / "ws"
         subject_dataset(self.workspace, args.resolution, name="rex", count=3)
-        self.env = child_env(args.threads)
+        self.env = child_env(args.threads, cuda=args.device == "cuda")
         # The class images the training of both uses: booth's, made once, untimed.
         self.booth_call(self.workspace, "generate_priors", self.gen_arguments(args.class_images))
         self.class_dir = images_only(next((self.workspace / "priors").iterdir()),
@@ -139,6 +155,7 @@ class Bench:
                          "resolution": self.args.resolution, "class_prompt": CLASS_PROMPT,
                          "prior_loss_weight": 1.0, "train_text_encoder": True,
                          "checkpointing_steps": 10**6, "report_to": "tensorboard",
+                         "mixed_precision": self.args.mixed_precision,
                          "run_name": run_name, **dict(parse_pair(p) for p in self.args.booth_arg)}
             run = self.booth_call(self.workspace, "train", arguments)
             self.booth_run = self.workspace / "runs" / run_name
@@ -174,7 +191,8 @@ class Bench:
             "--train_batch_size", "1", "--max_train_steps", str(steps),
             "--learning_rate", str(self.args.learning_rate), "--lr_scheduler", "constant",
             "--lr_warmup_steps", "0", "--max_grad_norm", "1.0", "--seed", "0",
-            "--checkpointing_steps", str(10**6), "--mixed_precision", "no",
+            "--checkpointing_steps", str(10**6),
+            "--mixed_precision", self.args.mixed_precision,
             "--report_to", "tensorboard",
         ]
         return run_child(command, env, cwd=folder)
@@ -191,13 +209,15 @@ class Bench:
 # --- the children ------------------------------------------------------------------------------
 
 
-def child_env(threads: int) -> dict:
+def child_env(threads: int, cuda: bool = False) -> dict:
     env = dict(os.environ)
     for name in ("PYTHONPATH", "BOOTH_THREADS"):
         env.pop(name, None)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
+               HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both would take a GPU they see
     return env
 
 
@@ -245,29 +265,37 @@ def bare_step(config, warmup: int) -> float:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = config.base_model
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet").train()
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").train()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet").to(device).train()
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").to(device)
+    text_encoder.train()
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2,
+                                  fused=device == "cuda")  # as booth's make_optimizer
     torch.manual_seed(0)
     vae = AutoencoderKL.load_config(source, subfolder="vae")  # the latents' size, not weights
     side = config.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
-    latents = torch.randn(2, unet.config.in_channels, side, side)
+    latents = torch.randn(2, unet.config.in_channels, side, side, device=device)
     noise = torch.randn_like(latents)
     ids = tokenizer([config.instance_prompt, config.class_prompt], padding="max_length",
                     truncation=True, max_length=text_encoder.config.max_position_embeddings,
-                    return_tensors="pt").input_ids
-    timesteps = torch.tensor([10, 500])
+                    return_tensors="pt").input_ids.to(device)
+    timesteps = torch.tensor([10, 500], device=device)
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+    autocast = torch.autocast(device, dtype=low, enabled=low is not None)
     stamps = []
     for _ in range(config.max_train_steps):
-        hidden = text_encoder(ids)[0]
-        prediction = unet(latents, timesteps, hidden, return_dict=False)[0]
+        with autocast:  # fp32 weights, low-precision compute: what accelerate does
+            hidden = text_encoder(ids)[0]
+            prediction = unet(latents, timesteps, hidden, return_dict=False)[0].float()
         loss = F.mse_loss(prediction[:1], noise[:1]) + F.mse_loss(prediction[1:], noise[1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         stamps.append(time.monotonic())
     return (stamps[-1] - stamps[warmup - 1]) / (len(stamps) - warmup)
 
@@ -337,8 +365,9 @@ def parse_pair(text: str) -> tuple[str, object]:
 
 
 def report(args, results: dict) -> None:
-    print(f"tiny SD, {args.resolution} px, {args.steps} steps ({args.warmup} warm-up left out "
-          f"of steps/s), text encoder + priors, batch 1+1, fp32, {args.threads} threads, "
+    precision = {"no": "fp32"}.get(args.mixed_precision, args.mixed_precision)
+    print(f"{args.resolution} px, {args.steps} steps ({args.warmup} warm-up left out of "
+          f"steps/s), text encoder + priors, batch 1+1, {precision}, {args.threads} threads, "
           f"{args.repeats} repeat(s) alternated; medians")
     if results["generation"]:
         print(f"class images: {args.class_images} at {GEN_STEPS} DPM steps, batch "
