@@ -24,7 +24,8 @@ DPMSolverMultistep scheduler config so both generate class images with the same 
   steps/s: each one's own step clock past the first `--warmup` steps: booth's metrics.jsonl
   `elapsed`, the script's TensorBoard wall times of its per-step `loss` scalar.
   Fixed cost = whole-process wall time - steps x per-step time.
-- peak memory: ru_maxrss of each child from os.wait4 (the same method for both).
+- peak memory: ru_maxrss of each child from os.wait4; on a GPU also nvidia-smi's figure for
+  the child's pid, polled every 0.2 s (the same methods for both).
 - floor: one process trains booth's run.yaml (report_to none) and then times the same
   model's bare step on tensors of the same shapes (latents at the VAE's own scale factor),
   `--repeats` times alternated: text encoder forward, UNet forward, MSE,
@@ -222,21 +223,55 @@ def child_env(threads: int, cuda: bool = False) -> dict:
 
 
 def run_child(command: list[str], env: dict, cwd: Path) -> dict:
-    """Run a whole process; its wall time, its own peak RSS (wait4) and its stdout."""
+    """Run a whole process; its wall time, its own peak RSS (wait4), its peak GPU memory as
+    nvidia-smi sees it (polled; when the child may use CUDA) and its stdout."""
     log = Path(tempfile.mkstemp(prefix="child-", suffix=".log")[1])
     started = time.monotonic()
     with log.open("wb") as stderr:
         child = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
                                  stderr=stderr)
+        gpu = GpuPeak(child.pid) if env.get("CUDA_VISIBLE_DEVICES") != "" else None
         stdout = child.stdout.read().decode(errors="replace")
         _, status, usage = os.wait4(child.pid, 0)
     wall = time.monotonic() - started
+    gpu_mb = gpu.stop() if gpu else None
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         sys.exit(f"{' '.join(command[:4])} ... failed ({child.returncode}):\n"
                  f"{log.read_text(errors='replace')[-3000:]}")
     log.unlink()
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "peak_gpu_mb": gpu_mb,
+            "stdout": stdout}
+
+
+class GpuPeak:
+    """The most GPU memory one process held, from nvidia-smi every 0.2 s (the same method for
+    both programs; None without nvidia-smi)."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak, self.done = pid, None, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                 "--format=csv,noheader,nounits"]
+        while not self.done.wait(0.2):
+            try:
+                text = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
+            except (OSError, subprocess.SubprocessError):
+                return
+            for line in text.splitlines():
+                pid, _, used = line.partition(",")
+                if pid.strip() == str(self.pid) and used.strip().isdigit():
+                    self.peak = max(self.peak or 0.0, float(used))
+
+    def stop(self) -> float | None:
+        self.done.set()
+        self.thread.join()
+        return self.peak
 
 
 def floor_child(run_yaml: Path, warmup: int, repeats: int) -> dict:
@@ -376,7 +411,8 @@ def report(args, results: dict) -> None:
     print("training:")
     _compare(results["training"], [("steps/s", "steps_per_s", True),
                                    ("wall s", "wall_s", False), ("fixed s", "fixed_s", False),
-                                   ("peak RSS MB", "peak_rss_mb", False)])
+                                   ("peak RSS MB", "peak_rss_mb", False),
+                                   ("peak GPU MB", "peak_gpu_mb", False)])
     floor = results["floor"]
     if floor:
         print(f"floor (same process): booth {floor['booth_per_step']:.4f} s/step, bare step "
@@ -392,6 +428,8 @@ def _compare(rows: list[dict], columns: list[tuple[str, str, bool]]) -> None:
     medians = {w: {key: _median([r.get(key) for r in rows if r["who"] == w])
                    for _, key, _ in columns} for w in who}
     for label, key, _ in columns:
+        if all(medians[w][key] is None for w in who):
+            continue  # not measured here (GPU memory on a CPU)
         cells = "  ".join(f"{w} {_fmt(medians[w][key])}" for w in who)
         ratio = ""
         if len(who) == 2 and medians["booth"][key] and medians["diffusers"][key]:
