@@ -208,7 +208,8 @@ def against_diffusers(root: Path, model: str, args, steps: int,
     rows, runs = [], bench.training()
     for run in runs:
         gpu = run.get("peak_gpu_mb")
-        rows.append({"rung": f"{run['who']}, same settings, {options.mixed_precision}",
+        precision = {"no": "fp32"}.get(options.mixed_precision, options.mixed_precision)
+        rows.append({"rung": f"{run['who']} side by side, {resolution} px {precision}",
                      "peak_gb": gpu / 1024 if gpu else None,
                      "steps_per_s": 1 / run["per_step"],
                      "status": f"whole process {run['wall_s']:.0f} s"})
