@@ -113,7 +113,7 @@ class TrainConfig:
     report_to: Annotated[Literal["tensorboard", "wandb", "none"],
                          Param("Experiment tracker for the metrics")] = "tensorboard"
 
-    # --- speed (not tool settings: set in a YAML config; every default keeps the losses) ----
+    # --- speed (not tool settings: for code calling the trainer; run.yaml keeps them) ----
     # Steps between reads of the losses from the device (and NaN checks); None: 1 on the CPU,
     # where a read costs nothing, 10 on a GPU, where each read makes the host wait.
     log_every: int | None = None
