@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's booth
 
-from common import subject_dataset  # noqa: E402 - after the path is set
+from children import child_env, run_child  # noqa: E402 - after the path is set
+from common import subject_dataset  # noqa: E402
 from diffusers_shim import write_shim  # noqa: E402
 
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"
@@ -69,6 +69,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=5e-6)
     parser.add_argument("--class-images", type=int, default=12)
     parser.add_argument("--gen-batch", type=int, default=4)
+    parser.add_argument("--gen-steps", type=int, default=GEN_STEPS,
+                        help="booth's denoising steps (alone only: the script always runs 50)")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
     parser.add_argument("--booth-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra train argument for booth (e.g. to turn validation off)")
@@ -93,6 +95,8 @@ def main() -> None:
               "in its PyPI package; pass examples/dreambooth/train_dreambooth.py of a checkout)")
     elif not script.is_file():
         sys.exit(f"--diffusers-script {script}: no such file")
+    elif args.gen_steps != GEN_STEPS:
+        sys.exit(f"--gen-steps: the script's class images take {GEN_STEPS} steps; so must booth's")
     with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
         bench = Bench(Path(tmp), args)
         results = {"generation": [] if args.skip_generation else bench.generation(),
@@ -123,7 +127,7 @@ class Bench:
         from booth.dreambooth.priors import natural_resolution
 
         return {"class_prompt": CLASS_PROMPT, "num_images": count,
-                "batch_size": self.args.gen_batch, "num_inference_steps": GEN_STEPS,
+                "batch_size": self.args.gen_batch, "num_inference_steps": self.args.gen_steps,
                 "guidance_scale": GUIDANCE, "resolution": natural_resolution(self.model)}
 
     def booth_call(self, workspace: Path, tool: str, arguments: dict) -> dict:
@@ -208,70 +212,6 @@ class Bench:
 
 
 # --- the children ------------------------------------------------------------------------------
-
-
-def child_env(threads: int, cuda: bool = False) -> dict:
-    env = dict(os.environ)
-    for name in ("PYTHONPATH", "BOOTH_THREADS"):
-        env.pop(name, None)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    if not cuda:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # both would take a GPU they see
-    return env
-
-
-def run_child(command: list[str], env: dict, cwd: Path) -> dict:
-    """Run a whole process; its wall time, its own peak RSS (wait4), its peak GPU memory as
-    nvidia-smi sees it (polled; when the child may use CUDA) and its stdout."""
-    log = Path(tempfile.mkstemp(prefix="child-", suffix=".log")[1])
-    started = time.monotonic()
-    with log.open("wb") as stderr:
-        child = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                 stderr=stderr)
-        gpu = GpuPeak(child.pid) if env.get("CUDA_VISIBLE_DEVICES") != "" else None
-        stdout = child.stdout.read().decode(errors="replace")
-        _, status, usage = os.wait4(child.pid, 0)
-    wall = time.monotonic() - started
-    gpu_mb = gpu.stop() if gpu else None
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        sys.exit(f"{' '.join(command[:4])} ... failed ({child.returncode}):\n"
-                 f"{log.read_text(errors='replace')[-3000:]}")
-    log.unlink()
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "peak_gpu_mb": gpu_mb,
-            "stdout": stdout}
-
-
-class GpuPeak:
-    """The most GPU memory one process held, from nvidia-smi every 0.2 s (the same method for
-    both programs; None without nvidia-smi)."""
-
-    def __init__(self, pid: int):
-        import threading
-
-        self.pid, self.peak, self.done = pid, None, threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-
-    def _poll(self) -> None:
-        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory",
-                 "--format=csv,noheader,nounits"]
-        while not self.done.wait(0.2):
-            try:
-                text = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
-            except (OSError, subprocess.SubprocessError):
-                return
-            for line in text.splitlines():
-                pid, _, used = line.partition(",")
-                if pid.strip() == str(self.pid) and used.strip().isdigit():
-                    self.peak = max(self.peak or 0.0, float(used))
-
-    def stop(self) -> float | None:
-        self.done.set()
-        self.thread.join()
-        return self.peak
 
 
 def floor_child(run_yaml: Path, warmup: int, repeats: int) -> dict:
@@ -405,7 +345,7 @@ def report(args, results: dict) -> None:
           f"steps/s), text encoder + priors, batch 1+1, {precision}, {args.threads} threads, "
           f"{args.repeats} repeat(s) alternated; medians")
     if results["generation"]:
-        print(f"class images: {args.class_images} at {GEN_STEPS} DPM steps, batch "
+        print(f"class images: {args.class_images} at {args.gen_steps} DPM steps, batch "
               f"{args.gen_batch}")
         _compare(results["generation"], [("images/s", "images_per_s", True)])
     print("training:")
