@@ -27,7 +27,7 @@ def run_child(command: list[str], env: dict, cwd: Path) -> dict:
     """Run a whole process; its wall time, its own peak RSS (wait4), its peak GPU memory as
     nvidia-smi sees it (polled; when the child may use CUDA) and its stdout."""
     log = Path(tempfile.mkstemp(prefix="child-", suffix=".log")[1])
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     with log.open("wb") as stderr:
         child = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
                                  stderr=stderr)
@@ -41,7 +41,8 @@ def run_child(command: list[str], env: dict, cwd: Path) -> dict:
         sys.exit(f"{' '.join(command[:4])} ... failed ({child.returncode}):\n"
                  f"{log.read_text(errors='replace')[-3000:]}")
     log.unlink()
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "peak_gpu_mb": gpu_mb,
+    return {"wall_s": wall, "started_at": started_at, "ended_at": started_at + wall,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "peak_gpu_mb": gpu_mb,
             "stdout": stdout}
 
 

@@ -23,7 +23,8 @@ DPMSolverMultistep scheduler config so both generate class images with the same 
   booth, ... (`--repeats`).
   steps/s: each one's own step clock past the first `--warmup` steps: booth's metrics.jsonl
   `elapsed`, the script's TensorBoard wall times of its per-step `loss` scalar.
-  Fixed cost = whole-process wall time - steps x per-step time.
+  Fixed cost = whole-process wall time - steps x per-step time; split into the seconds
+  before the first step's TensorBoard log and after the last one (same clock for both).
 - peak memory: ru_maxrss of each child from os.wait4; on a GPU also nvidia-smi's figure for
   the child's pid, polled every 0.2 s (the same methods for both).
 - floor: one process trains booth's run.yaml (report_to none) and then times the same
@@ -165,14 +166,17 @@ class Bench:
             run = self.booth_call(self.workspace, "train", arguments)
             self.booth_run = self.workspace / "runs" / run_name
             per_step = booth_per_step(self.booth_run / "metrics.jsonl", self.args.warmup)
-            rows.append({"who": "booth", **run, "per_step": per_step})
+            rows.append({"who": "booth", **run, "per_step": per_step,
+                         **ends(run, logged_steps(self.booth_run))})
             if self.args.diffusers_script:
                 folder = self.root / f"train-diffusers-{i}"
                 run = self.diffusers(folder, steps=self.args.steps,
                                      class_dir=self.class_dir,
                                      num_class_images=len(list(self.class_dir.iterdir())))
-                rows.append({"who": "diffusers", **run,
-                             "per_step": diffusers_per_step(folder / "out", self.args.warmup)})
+                walls = logged_steps(folder / "out")
+                rows.append({"who": "diffusers", **run, "per_step": per_step_of(walls,
+                                                                            self.args.warmup),
+                             **ends(run, walls)})
         for row in rows:
             row["fixed_s"] = row["wall_s"] - self.args.steps * row["per_step"]
         return rows
@@ -315,17 +319,30 @@ def booth_per_step(metrics: Path, warmup: int) -> float:
     return (rows[-1]["elapsed"] - rows[warmup - 1]["elapsed"]) / (len(rows) - warmup)
 
 
-def diffusers_per_step(output_dir: Path, warmup: int) -> float:
+def logged_steps(run_dir: Path) -> dict[int, float]:
+    """{step: wall clock} of the `loss` scalars a run logged to TensorBoard (the last per
+    step: the script logs once per micro-batch)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = sorted(output_dir.glob("logs/**/events.out.tfevents*"))
+    events = sorted(run_dir.glob("logs/**/events.out.tfevents*"))
     if not events:
-        sys.exit(f"the script wrote no TensorBoard events under {output_dir / 'logs'}")
+        sys.exit(f"no TensorBoard events under {run_dir / 'logs'}")
     accumulator = EventAccumulator(str(events[-1].parent), size_guidance={"scalars": 0})
     accumulator.Reload()
-    walls = {e.step: e.wall_time for e in accumulator.Scalars("loss")}  # its last log per step
+    return {e.step: e.wall_time for e in accumulator.Scalars("loss")}
+
+
+def per_step_of(walls: dict[int, float], warmup: int) -> float:
     steps = sorted(walls)
     return (walls[steps[-1]] - walls[steps[warmup - 1]]) / (len(steps) - warmup)
+
+
+def ends(run: dict, walls: dict[int, float]) -> dict:
+    """Seconds from the process's start to its first logged step (imports, loading, caching,
+    that step) and from its last logged step to its exit (export), on the same clock for both
+    (TensorBoard's wall times; booth's are logged when its losses are read)."""
+    return {"start_s": walls[min(walls)] - run["started_at"],
+            "end_s": run["ended_at"] - walls[max(walls)]}
 
 
 def parse_pair(text: str) -> tuple[str, object]:
@@ -351,6 +368,8 @@ def report(args, results: dict) -> None:
     print("training:")
     _compare(results["training"], [("steps/s", "steps_per_s", True),
                                    ("wall s", "wall_s", False), ("fixed s", "fixed_s", False),
+                                   ("to step 1 s", "start_s", False),
+                                   ("after last s", "end_s", False),
                                    ("peak RSS MB", "peak_rss_mb", False),
                                    ("peak GPU MB", "peak_gpu_mb", False)])
     floor = results["floor"]
