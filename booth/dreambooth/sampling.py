@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from booth.dreambooth.grids import labelled_grid
 from booth.dreambooth.progress import image_progress
 
 # Works well at 20-30 steps whatever scheduler a model folder was saved with (a trained run
@@ -54,9 +55,11 @@ def sample_images(pipeline, prompts: list[str], out_dir: Path, *, num_images_per
                   guidance_scale: float = 7.5, num_inference_steps: int = DEFAULT_STEPS,
                   seed: int = 0, negative_prompt: str | None = None, height: int | None = None,
                   width: int | None = None, batch_size: int = 4, console=None,
-                  should_stop: Callable[[], bool] | None = None) -> SampleResult:
+                  should_stop: Callable[[], bool] | None = None,
+                  grid_title: str | None = None) -> SampleResult:
     """Render every prompt `num_images_per_prompt` times into `out_dir`, plus `grid.png`
-    (one row per prompt). `should_stop()` is checked between batches."""
+    (one row per prompt, labelled with it; `grid_title` on top). `should_stop()` is checked
+    between batches."""
     started = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +84,8 @@ def sample_images(pipeline, prompts: list[str], out_dir: Path, *, num_images_per
     grid = None
     if cells:
         grid = out_dir / "grid.png"
-        make_grid(cells, len(prompts), num_images_per_prompt).save(grid)
+        labelled_grid(cells, len(prompts), num_images_per_prompt, row_labels=prompts,
+                      title=grid_title).save(grid)
     settings = {"prompts": prompts, "seed": seed, "num_images_per_prompt": num_images_per_prompt,
                 "scheduler": type(pipeline.scheduler).__name__, **settings}
     paths = [cells[k] for k in sorted(cells)]
@@ -97,19 +101,6 @@ def _render(pipeline, prompt: str, cols: list[int], seed: int, settings: dict):
     with torch.inference_mode():
         return pipeline(prompt=prompt, num_images_per_prompt=len(cols), generator=generators,
                         **settings).images
-
-
-def make_grid(cells: dict[tuple[int, int], Path], rows: int, cols: int):
-    """One PNG: cell (row, col) (0-based row, 1-based col) at its place, blanks left white."""
-    from PIL import Image
-
-    opened = {k: Image.open(p) for k, p in cells.items()}
-    width, height = next(iter(opened.values())).size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for (row, col), image in opened.items():
-        grid.paste(image.convert("RGB"), ((col - 1) * width, row * height))
-        image.close()
-    return grid
 
 
 def _chunks(values, size: int) -> list[list[int]]:

@@ -54,7 +54,7 @@ def sample(
         pipeline, prompts, folder, num_images_per_prompt=num_images_per_prompt,
         guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed,
         negative_prompt=negative_prompt or None, height=height, width=width,
-        console=ctx.console, should_stop=ctx.stop_requested.is_set)
+        console=ctx.console, should_stop=ctx.stop_requested.is_set, grid_title=model)
     if result.images:
         estimates.record_generation(
             ctx.workspace.root, _setup(ctx, run, pipeline, height or width, guidance_scale),
