@@ -99,6 +99,17 @@ def _free_gpu_memory() -> float | None:
     return float(torch.cuda.mem_get_info()[0])
 
 
+def _used_gpu_memory() -> float | None:
+    """Bytes others hold on the CUDA card (all in use but this process's own cache), or
+    None without one: with the LLM server the only other tenant, what it could free."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return float(max(0, total - free - torch.cuda.memory_reserved()))
+
+
 def _load_inference_pipeline(base_model: str):
     from booth.dreambooth.loading import load_inference_pipeline
 
@@ -124,6 +135,10 @@ class ToolContext:
     # Bytes free on the GPU now (None: no GPU): what memory plans compare with. The one
     # place a stand-in for CUDA is right, in tests on machines without a GPU.
     free_gpu_memory: Callable[[], float | None] = _free_gpu_memory
+    used_gpu_memory: Callable[[], float | None] = _used_gpu_memory
+    # Bytes the LLM server would free while a GPU tool runs (None: it will not, or nobody
+    # knows); set by `booth chat` from booth.agent.gpu_share.
+    server_gives_back: Callable[[], float | None] = lambda: None
 
     @classmethod
     def from_options(cls, workspace: str | None = None, base_model: str | None = None,

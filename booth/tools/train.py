@@ -252,7 +252,8 @@ def _memory_plan(ctx: ToolContext, config: TrainConfig):
         use_lora=config.use_lora, lora_rank=config.lora_rank,
         priors=config.with_prior_preservation)
     return memory.plan(memory.parameter_counts(config.base_model), knobs, free,
-                       measured_peak(ctx.workspace.root, _setup(config)))
+                       measured_peak(ctx.workspace.root, _setup(config)),
+                       ctx.server_gives_back() or 0.0)
 
 
 def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:
