@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 from booth.dreambooth.priors import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from booth.dreambooth.progress import expected_pace
 from booth.schema import NOT_BLANK, PATH
 from booth.tools import estimates
 from booth.tools.context import ToolContext, absolute_if_local
@@ -46,9 +47,12 @@ def generate_priors(
     key = _key(ctx, class_prompt, seed, resolution, num_inference_steps, guidance_scale,
                negative_prompt, base_model)
     folder = ctx.workspace.priors_dir(key.folder_name())
-    result = generate_class_images(
-        key, folder, num_images, lambda: ctx.load_pipeline(key.source), batch_size=batch_size,
-        console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    pace = estimates.image_pace(ctx.workspace.root, key.source, _setup(key),
+                                key.num_inference_steps)
+    with expected_pace(images=pace):
+        result = generate_class_images(
+            key, folder, num_images, lambda: ctx.load_pipeline(key.source),
+            batch_size=batch_size, console=ctx.console, should_stop=ctx.stop_requested.is_set)
     if result.generated:
         estimates.record_generation(ctx.workspace.root, _setup(key), len(result.generated),
                                     key.num_inference_steps, result.seconds, result.load_seconds)

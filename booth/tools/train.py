@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
 from booth.dreambooth.config import TrainConfig, load_config
+from booth.dreambooth.progress import expected_pace
 from booth.schema import setting
 from booth.tools import estimates
 from booth.tools.context import ToolContext
@@ -74,7 +75,9 @@ def train(
         class_prompt=class_prompt, class_data_dir=str(class_dir) if class_dir else None,
         resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
     )
-    result = trainer.train(config, console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    with expected_pace(training=_step_pace(ctx, config)):
+        result = trainer.train(config, console=ctx.console,
+                               should_stop=ctx.stop_requested.is_set)
     estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(name, result)
 
@@ -93,10 +96,11 @@ def resume_checkpoint(
     from booth.dreambooth import trainer
 
     run_dir = ctx.workspace.existing_run(run)
-    result = trainer.resume(run_dir, checkpoint, max_train_steps, console=ctx.console,
-                            should_stop=ctx.stop_requested.is_set)
-    estimates.record_training(ctx.workspace.root, _setup(load_config(run_dir / "run.yaml")),
-                              result)
+    config = load_config(run_dir / "run.yaml")
+    with expected_pace(training=_step_pace(ctx, config)):
+        result = trainer.resume(run_dir, checkpoint, max_train_steps, console=ctx.console,
+                                should_stop=ctx.stop_requested.is_set)
+    estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(run, result)
 
 
@@ -220,6 +224,14 @@ def _setup(config: TrainConfig):
     return estimates.train_setup(config.base_model, config.resolution, examples,
                                  config.mixed_precision, config.train_text_encoder,
                                  config.use_lora)
+
+
+def _step_pace(ctx: ToolContext, config: TrainConfig) -> float | None:
+    """Seconds a step of this setup took here, for the progress bar's first time left."""
+    steps = 100
+    when = estimates.training_time(ctx.workspace.root, config.base_model, _setup(config),
+                                   steps, fixed=False)
+    return estimates.measured_pace(when, steps)
 
 
 def _planned_config(ctx: ToolContext, args: dict[str, Any]) -> TrainConfig:
