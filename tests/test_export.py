@@ -147,12 +147,28 @@ def test_a_lora_checkpoint_loads_with_load_lora_weights(runs, tiny_model):
                                atol=1e-5)
 
 
+def test_a_lora_run_as_one_file_is_the_base_model_with_the_lora_merged(runs, tiny_model):
+    from booth.dreambooth.loading import load_pipeline
+
+    root, _, run = runs
+    result = booth(root, "lo", "--format", "single-file", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    merged = from_single_file(run / "export/lo.safetensors", tiny_model)
+    merged.set_progress_bar_config(disable=True)
+    pipeline = load_pipeline(tiny_model, device="cpu")
+    base = generate(pipeline)
+    pipeline.load_lora_weights(str(run / "lora"))
+    assert np.abs(generate(merged) - base).max() > 1e-3
+    np.testing.assert_allclose(generate(merged), generate(pipeline), atol=1e-4)
+
+
 def test_export_refuses_what_does_not_fit_in_one_line(runs, tmp_path):
     root, _, _ = runs
     cases = [(("nope",), "no training run 'nope'"),
              (("full", "--checkpoint", "7"), "available: checkpoint-1, checkpoint-2"),
              (("full", "--format", "kohya-lora"), "is a full fine-tune, not a LoRA run"),
-             (("lo", "--format", "single-file"), "is a LoRA run"),
+             (("lo", "--checkpoint", "latest", "--format", "kohya-lora", "--dtype", "fp64"),
+              "dtype 'fp64'"),
              (("full", "--format", "ckpt"), "unknown format 'ckpt'"),
              (("full", "--dtype", "fp8"), "dtype 'fp8'"),
              ((str(tmp_path),), "is not a run folder"),
@@ -241,3 +257,49 @@ def test_a_model_the_original_layout_cannot_hold_is_refused_by_name(runs):
     with pytest.raises(ExportError, match="'class_embedding.weight'"):
         to_original(unet, read_component(run / "final/vae"), {}, read_config(run / "final/unet"),
                     read_config(run / "final/vae"))
+
+
+def test_the_sd15_block_layout_maps_to_what_diffusers_reads_back():
+    """The tiny model has 2 blocks; SD 1.5 has 4, with attention where the tiny one has none.
+    The same layout at narrow widths goes through diffusers' own original->diffusers maps."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    from booth.dreambooth.single_file import unet_to_original, vae_to_original
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=8)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4)
+    for model, to_original, back in [(unet, unet_to_original, convert_ldm_unet_checkpoint),
+                                     (vae, vae_to_original, convert_ldm_vae_checkpoint)]:
+        state, config = model.state_dict(), dict(model.config)
+        original = to_original(state, config)
+        assert "model.diffusion_model.output_blocks.11.1.proj_out.weight" in original or \
+            "first_stage_model.decoder.up.3.upsample.conv.weight" in original
+        again = back(original, config)
+        assert again.keys() == state.keys()
+        assert all(torch.equal(again[k].reshape(state[k].shape), state[k]) for k in state)
+
+
+def test_a_run_whose_model_has_no_original_layout_completes_and_says_so(runs, monkeypatch,
+                                                                          capsys):
+    from booth.dreambooth.config import load_config
+    from booth.dreambooth.export import write_final_export
+    from booth.dreambooth.single_file import ExportError
+
+    _, run, _ = runs
+
+    def refuse(*_, **__):
+        raise ExportError("the UNet has a weight 'x' that the SD-1.x layout has no place for")
+
+    monkeypatch.setattr("booth.dreambooth.export.pipeline_to_original", refuse)
+    assert write_final_export(run, load_config(run / "run.yaml")) is None
+    assert "no single-file export: the UNet has a weight 'x'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """A run's weights as files other tools load, in `runs/<name>/export/`:
 
-    <name>.safetensors          full fine-tune, original SD-1.x layout (A1111, ComfyUI, Forge)
+    <name>.safetensors          original SD-1.x layout (A1111, ComfyUI, Forge); of a LoRA run,
+                                the base model with the adapters merged in
     <name>-lora.safetensors     LoRA run, kohya's format (the same UIs, kohya's scripts)
     <name>-diffusers/           a diffusers pipeline folder, or a LoRA folder
     <name>-step<N>...           the same for checkpoint N
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from booth.dreambooth.checkpoints import TMP_PREFIX, replace_dir, resolve_checkpoint
 from booth.dreambooth.config import TrainConfig, load_config
-from booth.dreambooth.lora_formats import LORA_FILE, lora_modules, to_diffusers, to_kohya
+from booth.dreambooth.loading import load_pipeline
+from booth.dreambooth.lora_formats import LORA_FILE, fuse, lora_modules, to_diffusers, to_kohya
 from booth.dreambooth.models import export_pipeline, final_model_path, load_run_pipeline
 from booth.dreambooth.single_file import (
     DTYPES,
@@ -81,7 +83,9 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, fmt: str | No
     if fmt not in FORMATS or dtype not in DTYPES:
         raise ExportError(f"unknown format {fmt!r} or dtype {dtype!r}: formats are "
                           f"{', '.join(FORMATS)}; dtypes {', '.join(DTYPES)}")
-    _check_fits(run_dir, config, fmt)
+    if fmt == "kohya-lora" and not config.use_lora:
+        raise ExportError(f"run {run_dir.name!r} is a full fine-tune, not a LoRA run: export "
+                          "it as single-file or diffusers")
     step, folder = (None, None) if checkpoint is None else resolve_checkpoint(run_dir,
                                                                              checkpoint)
     if folder is None and final_model_path(run_dir) is None:
@@ -93,16 +97,9 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, fmt: str | No
     if fmt == "kohya-lora":
         return write_safetensors(to_kohya(_lora(run_dir, folder), dtype), dest,
                                  {"ss_network_module": "networks.lora"})
+    if config.use_lora:
+        return write_safetensors(_fused(run_dir, config, folder, dtype), dest)
     return write_safetensors(_original(run_dir, checkpoint, folder, dtype), dest)
-
-
-def _check_fits(run_dir: Path, config: TrainConfig, fmt: str) -> None:
-    if fmt == "kohya-lora" and not config.use_lora:
-        raise ExportError(f"run {run_dir.name!r} is a full fine-tune, not a LoRA run: export "
-                          "it as single-file or diffusers")
-    if fmt == "single-file" and config.use_lora:
-        raise ExportError(f"run {run_dir.name!r} is a LoRA run: export it as kohya-lora (the "
-                          "UIs load it on top of the base model) or diffusers")
 
 
 def _lora(run_dir: Path, folder: Path | None) -> dict:
@@ -126,6 +123,16 @@ def _original(run_dir: Path, checkpoint: str | None, folder: Path | None, dtype:
     return to_original(pipeline.unet.state_dict(), pipeline.vae.state_dict(),
                        pipeline.text_encoder.state_dict(), dict(pipeline.unet.config),
                        dict(pipeline.vae.config), dtype)
+
+
+def _fused(run_dir: Path, config: TrainConfig, folder: Path | None, dtype: str) -> dict:
+    """A LoRA run as one checkpoint: the base model with the adapters merged into it."""
+    base = load_pipeline(config.base_model, device="cpu")
+    modules = _lora(run_dir, folder)
+    unet, text_encoder = (fuse(getattr(base, name).state_dict(), modules, name)
+                          for name in ("unet", "text_encoder"))
+    return to_original(unet, base.vae.state_dict(), text_encoder, dict(base.unet.config),
+                       dict(base.vae.config), dtype)
 
 
 def _diffusers(run_dir: Path, config: TrainConfig, folder: Path | None, dest: Path) -> Path:

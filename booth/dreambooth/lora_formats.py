@@ -70,5 +70,21 @@ def to_diffusers(modules: dict) -> dict:
     return out
 
 
+def fuse(state: dict, modules: dict, component: str) -> dict:
+    """`component`'s base weights with its LoRA deltas merged in: W + up @ down (scale 1, as
+    booth trains; see to_kohya), for a single file that needs no LoRA loader."""
+    fused = dict(state)
+    for (owner, path), pair in modules.items():
+        if owner != component:
+            continue
+        key = f"{path}.weight"
+        if key not in state:
+            raise ExportError(f"the LoRA module {path!r} is not in the base model's "
+                              f"{component}: was the run made with another base model?")
+        delta = pair["up"].float() @ pair["down"].float()
+        fused[key] = (state[key].float() + delta).to(state[key].dtype)
+    return fused
+
+
 def is_lora_state(state: dict) -> bool:
     return any(".lora_A." in key or ".lora.down." in key for key in state)
