@@ -217,6 +217,16 @@ def test_a_failed_export_leaves_the_old_file_and_no_partial_one(runs, monkeypatc
         assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
+def test_what_a_killed_export_left_is_swept_on_resume(runs):
+    from booth.dreambooth.checkpoints import sweep_temporary
+
+    _, run, _ = runs
+    left = run / "export/.tmp-full-step9.safetensors"  # a SIGKILL cannot run `finally`
+    left.write_bytes(b"half")
+    sweep_temporary(run)
+    assert not left.exists() and (run / "export/full.safetensors").is_file()
+
+
 def test_a_lora_run_with_loadable_checkpoints_still_resumes_exactly(runs):
     import shutil
 

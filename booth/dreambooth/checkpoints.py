@@ -23,6 +23,7 @@ from booth.dreambooth.errors import CheckpointError
 from booth.schema import pattern
 
 CHECKPOINTS = "checkpoints"
+EXPORT_DIR = "export"  # files for other tools (export.py); swept here with the rest
 STATE_FILE = "training_state.json"
 TMP_PREFIX = ".tmp-"
 # The one spelling of checkpoint names: folders are `checkpoint-<step>`; a user or the model
@@ -74,7 +75,7 @@ def read_training_state(checkpoint: Path) -> dict:
 def sweep_temporary(run_dir: str | Path) -> None:
     """Remove what a killed run left half-written or half-deleted: `.tmp-*` checkpoints,
     `.tmp-*` exports and metric files at the run's top level, and half-written export/ files."""
-    for folder in (Path(run_dir) / CHECKPOINTS, Path(run_dir), Path(run_dir) / "export"):
+    for folder in (Path(run_dir) / CHECKPOINTS, Path(run_dir), Path(run_dir) / EXPORT_DIR):
         if folder.is_dir():
             for path in folder.glob(f"{TMP_PREFIX}*"):
                 if path.is_dir():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from booth.dreambooth.checkpoints import TMP_PREFIX, replace_dir, resolve_checkpoint
+from booth.dreambooth.checkpoints import EXPORT_DIR, TMP_PREFIX, replace_dir, resolve_checkpoint
 from booth.dreambooth.config import TrainConfig, load_config
 from booth.dreambooth.loading import load_pipeline
 from booth.dreambooth.lora_formats import LORA_FILE, fuse, lora_modules, to_diffusers, to_kohya
@@ -29,7 +29,6 @@ from booth.dreambooth.single_file import (
     write_safetensors,
 )
 
-EXPORT_DIR = "export"
 FORMATS = ("single-file", "kohya-lora", "diffusers")
 _SUFFIX = {"single-file": ".safetensors", "kohya-lora": "-lora.safetensors",
            "diffusers": "-diffusers"}
