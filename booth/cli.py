@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from booth.commands import chat, doctor, ls, replay, tools
+from booth.commands import chat, doctor, export, ls, replay, tools
 from booth.commands.help import FlagsGroup
 from booth.commands.options import GLOBALS, BaseModelOption, WorkspaceOption, add_commands, fail
 
@@ -57,7 +57,7 @@ def main(
     GLOBALS.base_model = base_model
 
 
-for _module in (chat, replay, ls, tools, doctor):
+for _module in (chat, replay, ls, export, tools, doctor):
     add_commands(app, _module.app)
 
 

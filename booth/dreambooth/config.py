@@ -112,6 +112,10 @@ class TrainConfig:
                                                          minimum=1, maximum=1000)] = None
     report_to: Annotated[Literal["tensorboard", "wandb", "none"],
                          Param("Experiment tracker for the metrics")] = "tensorboard"
+    # export/<name>.safetensors (full) or <name>-lora.safetensors (LoRA), for A1111/ComfyUI.
+    export_dtype: Annotated[Literal["fp16", "fp32", "bf16"],
+                            Param("Precision of the single file or kohya LoRA written at the "
+                                  "end")] = "fp16"
 
     @property
     def with_prior_preservation(self) -> bool:

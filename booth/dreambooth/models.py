@@ -169,11 +169,15 @@ def final_model_path(run_dir: Path) -> Path | None:
 
 
 def discard_outputs_after(run_dir: Path, step: int) -> None:
-    """Resuming from `step` writes anew what came after it: later checkpoints, metric lines
-    and the final model go."""
+    """Resuming from `step` writes anew what came after it: later checkpoints, metric lines,
+    the final model and its export go."""
+    from booth.dreambooth.export import final_exports  # it imports this module
+
     discard_after(run_dir, step)
     for name in (FINAL_DIR, LORA_DIR):
         remove_dir(run_dir / name)
+    for file in final_exports(run_dir):
+        file.unlink(missing_ok=True)
     truncate_metrics(run_dir / "metrics.jsonl", step)
 
 

@@ -323,7 +323,8 @@ def _checkpoint(t: Training, run_dir: Path, state: dict, config: TrainConfig,
 
 
 def _export(t: Training, config: TrainConfig, run_dir: Path) -> Path:
-    """The final model: a pipeline folder, or LoRA weights, written by the main process."""
+    """The final model: a pipeline folder, or LoRA weights, and its single-file or kohya
+    export, written by the main process."""
     t.accelerator.wait_for_everyone()
     unet = t.accelerator.unwrap_model(t.models[0])
     text_encoder = t.accelerator.unwrap_model(t.models[1]) if len(t.models) > 1 else None
@@ -333,6 +334,10 @@ def _export(t: Training, config: TrainConfig, run_dir: Path) -> Path:
             export_lora(unet, text_encoder, dest)
         else:
             export_pipeline(config.base_model, unet, text_encoder, dest)
+        from booth.dreambooth.export import write_final_export
+
+        # After final/ or lora/: the one file A1111, ComfyUI and kohya load (export.py).
+        write_final_export(run_dir, config)
     t.accelerator.wait_for_everyone()
     return dest
 
