@@ -25,11 +25,9 @@ def export(
     dtype: Annotated[str | None, typer.Option(
         "--dtype", help="fp16, fp32 or bf16.", show_default="the run's export_dtype")] = None,
 ) -> None:
-    """Write a run's model as one file for A1111, ComfyUI and kohya (or a diffusers folder).
-
-    The final model, or a checkpoint, goes to runs/<name>/export/; an older export of the same
-    name is replaced. Prints the path written and its size.
-    """
+    """Write a run's model (or a checkpoint) as one file for A1111, ComfyUI, kohya."""
+    # The file goes to runs/<name>/export/, replacing an older export of the same name in one
+    # rename; the path written and its size are printed.
     from booth.dreambooth.errors import UserError
     from booth.tools import ToolError
 
