@@ -99,10 +99,10 @@ def _free_gpu_memory() -> float | None:
     return float(torch.cuda.mem_get_info()[0])
 
 
-def _load_inference_pipeline(base_model: str):
+def _load_inference_pipeline(base_model: str, precision: str | None = None):
     from booth.dreambooth.loading import load_inference_pipeline
 
-    return load_inference_pipeline(base_model)
+    return load_inference_pipeline(base_model, precision)
 
 
 @dataclass
@@ -118,8 +118,8 @@ class ToolContext:
     # `exit_code` (128 + the signal).
     terminated: threading.Event = field(default_factory=threading.Event)
     exit_code: int = EXIT_TERMINATED
-    # base model -> a pipeline to generate images with (class images, samples of the base
-    # model). A test passes a counting or pre-built one here.
+    # (base model, precision=None) -> a pipeline to generate images with (class images,
+    # samples of the base model). A test passes a counting or pre-built one here.
     load_pipeline: Callable[[str], Any] = _load_inference_pipeline
     # Bytes free on the GPU now (None: no GPU): what memory plans compare with. The one
     # place a stand-in for CUDA is right, in tests on machines without a GPU.

@@ -63,6 +63,7 @@ def train(
         raise ToolError(f"run {name!r} already exists; continue it with "
                         f"resume_checkpoint(run={name!r}) or choose another run_name")
     base = _check_base_model(base_model or ctx.base_model)
+    asked_resolution, asked_class_prompt = resolution, class_prompt
     class_prompt = class_prompt or manifest.get("class_prompt")
     resolution = _resolution(dataset, manifest, resolution)
     class_dir = _class_images(ctx, settings["prior_loss_weight"], class_prompt, base,
@@ -74,9 +75,40 @@ def train(
         class_prompt=class_prompt, class_data_dir=str(class_dir) if class_dir else None,
         resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
     )
-    result = trainer.train(config, console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    # The call as it ran, the clock's run name and the session's base model pinned: `booth
+    # call train @runs/<name>/args.yaml run_name=<new>` repeats it.
+    arguments = {"dataset": dataset, "max_train_steps": max_train_steps,
+                 "learning_rate": learning_rate, "run_name": name, "base_model": base,
+                 **{k: v for k, v in (("resolution", asked_resolution),
+                                      ("class_prompt", asked_class_prompt),
+                                      ("instance_prompt", instance_prompt)) if v is not None},
+                 **settings}
+    try:
+        result = trainer.train(config, console=ctx.console,
+                               should_stop=ctx.stop_requested.is_set)
+    finally:  # the trainer refuses a folder that holds anything: written once it made one
+        _save_arguments(run_dir, arguments)
     estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(name, result)
+
+
+ARGS_FILE = "args.yaml"
+
+
+def _save_arguments(run_dir: Path, arguments: dict[str, Any]) -> None:
+    """Write args.yaml atomically into a run the trainer started (and kept)."""
+    import os
+
+    import yaml
+
+    from booth.dreambooth.setup import is_main_process
+
+    if not (run_dir / "run.yaml").is_file() or not is_main_process():
+        return
+    tmp = run_dir / f".tmp-{ARGS_FILE}"
+    tmp.write_text(yaml.safe_dump(arguments, sort_keys=False, allow_unicode=True),
+                   encoding="utf-8")
+    os.replace(tmp, run_dir / ARGS_FILE)
 
 
 @tool
@@ -126,8 +158,10 @@ def _instance_prompt(dataset: str, manifest: dict, asked: str | None) -> str:
     """The dataset's prompt, or one the user wrote, which must still name the identifier."""
     if asked is None:
         return manifest["instance_prompt"]
+    from booth.tools.dataset import names_token
+
     token = manifest.get("instance_token")
-    if token and token not in asked.split():
+    if token and not names_token(asked, token):
         raise ToolError(f"instance_prompt {asked!r} does not contain the identifier {token!r} "
                         f"of dataset {dataset!r}: without it the model cannot learn the subject")
     return asked
