@@ -235,10 +235,11 @@ def read_arguments_file(path: str) -> dict[str, Any]:
         raise ToolArgumentError(f"{where} is not valid YAML/JSON ({problem}{at})") from None
     except RecursionError:
         raise ToolArgumentError(f"{where} is nested too deeply to be read") from None
+    if loaded is None:
+        raise ToolArgumentError(f"{where} is empty: write one `name: value` line per argument")
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
         raise ToolArgumentError(f"{where} must hold a mapping of argument names to values "
-                                "(name: value lines), not "
-                                f"{'nothing' if loaded is None else type(loaded).__name__}")
+                                f"(name: value lines), not {type(loaded).__name__}")
     return loaded
 
 
