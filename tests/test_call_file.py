@@ -121,3 +121,25 @@ def test_repeating_without_a_new_name_refuses_and_keeps_the_first_run(repeated):
     assert clash.exit_code == 1
     assert "run 'rex-1' already exists" in clash.stderr and "Traceback" not in clash.stderr
     assert len(losses(root / "runs/rex-1")) == 3
+
+
+@pytest.mark.slow
+def test_args_yaml_is_there_while_the_run_trains(tool_context, monkeypatch):
+    """A run killed after its first checkpoint can be repeated too."""
+    from booth.dreambooth import trainer
+    from booth.tools import get_tool
+
+    make_dataset(tool_context.workspace.root)
+    run_dir = tool_context.workspace.run_dir("early")
+    seen = []
+    real = trainer.save_checkpoint
+
+    def checkpoint(accelerator, folder, state):
+        seen.append((run_dir / "args.yaml").is_file())
+        return real(accelerator, folder, state)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", checkpoint)
+    get_tool("train").run(tool_context, {
+        "dataset": "rex", "max_train_steps": 3, "learning_rate": 1e-3, "prior_loss_weight": 0,
+        "run_name": "early", "report_to": "none", "checkpointing_steps": 2})
+    assert seen == [True, True]

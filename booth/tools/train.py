@@ -83,11 +83,20 @@ def train(
                                       ("class_prompt", asked_class_prompt),
                                       ("instance_prompt", instance_prompt)) if v is not None},
                  **settings}
+    saved = []
+
+    def should_stop() -> bool:
+        # The trainer refuses a folder that holds anything, so args.yaml goes in once it has
+        # trained a step (asked after every step), and at the end if no step finished.
+        if not saved:
+            saved.append(_save_arguments(run_dir, arguments))
+        return ctx.stop_requested.is_set()
+
     try:
-        result = trainer.train(config, console=ctx.console,
-                               should_stop=ctx.stop_requested.is_set)
-    finally:  # the trainer refuses a folder that holds anything: written once it made one
-        _save_arguments(run_dir, arguments)
+        result = trainer.train(config, console=ctx.console, should_stop=should_stop)
+    finally:
+        if not saved:
+            _save_arguments(run_dir, arguments)
     estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(name, result)
 
