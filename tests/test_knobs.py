@@ -186,6 +186,10 @@ def test_captions_are_trained_with_and_the_instance_prompt_as_caption_changes_no
     # Frozen text encoder (cached embeddings) and trained one (encoded per step) both use it.
     one_step = {"dataset": "captioned", "max_train_steps": 1}
     assert train(ctx, run_name="captioned", **one_step)[0]["loss"] != runs["default"][0]["loss"]
+    # A resume trains on the captions the run started with, or refuses.
+    (ctx.workspace.dataset_dir("captioned") / "images/0002.txt").write_text("sks dog, wet")
+    with pytest.raises(ToolError, match=r"captions \(<image>\.txt\) changed"):
+        get_tool("resume_checkpoint").run(ctx, {"run": "captioned", "max_train_steps": 2})
     frozen = {"train_text_encoder": False, "max_train_steps": 1}
     assert (loss_values(train(ctx, run_name="captioned-frozen", **one_step,
                               train_text_encoder=False))

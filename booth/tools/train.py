@@ -24,7 +24,9 @@ from booth.tools.workspace import NAME_PATTERN, check_name
 # for "go back to step 400". Every other setting (run_name, seed, LoRA rank, schedule, batch
 # size, tracker, the dataset's prompts and resolution...) keeps its default unless the user
 # sets it in an approval edit or `booth call`; hiding them keeps the fixed prefix of every
-# request small (benchmarks/prompt_tokens.py).
+# request small (benchmarks/prompt_tokens.py). The knobs of the field's scripts (snr_gamma,
+# noise_offset, center_crop, the schedules' cycles and power, Adam's settings) stay hidden
+# too: chat users rarely name them, and the prompt has ~20 tokens to spare.
 MODEL_SEES = (
     "dataset", "max_train_steps", "learning_rate", "prior_loss_weight", "train_text_encoder",
     "checkpointing_steps", "mixed_precision", "gradient_checkpointing", "use_8bit_adam",
