@@ -65,7 +65,8 @@ def train(
         raise ToolError(f"run {name!r} already exists; continue it with "
                         f"resume_checkpoint(run={name!r}) or choose another run_name")
     base = _check_base_model(base_model or ctx.base_model)
-    asked_resolution, asked_class_prompt = resolution, class_prompt
+    given = {"resolution": resolution, "class_prompt": class_prompt,  # before the defaults
+             "instance_prompt": instance_prompt}
     class_prompt = class_prompt or manifest.get("class_prompt")
     resolution = _resolution(dataset, manifest, resolution)
     class_dir = _class_images(ctx, settings["prior_loss_weight"], class_prompt, base,
@@ -79,47 +80,46 @@ def train(
     )
     # The call as it ran, the clock's run name and the session's base model pinned: `booth
     # call train @runs/<name>/args.yaml run_name=<new>` repeats it.
-    arguments = {"dataset": dataset, "max_train_steps": max_train_steps,
-                 "learning_rate": learning_rate, "run_name": name, "base_model": base,
-                 **{k: v for k, v in (("resolution", asked_resolution),
-                                      ("class_prompt", asked_class_prompt),
-                                      ("instance_prompt", instance_prompt)) if v is not None},
-                 **settings}
-    saved = []
+    args_file = ArgsFile(run_dir, {
+        "dataset": dataset, "max_train_steps": max_train_steps, "learning_rate": learning_rate,
+        "run_name": name, "base_model": base,
+        **{k: v for k, v in given.items() if v is not None}, **settings})
 
-    def should_stop() -> bool:
-        # The trainer refuses a folder that holds anything, so args.yaml goes in once it has
-        # trained a step (asked after every step), and at the end if no step finished.
-        if not saved:
-            saved.append(_save_arguments(run_dir, arguments))
+    def should_stop() -> bool:  # asked after every step: args.yaml goes in after the first
+        args_file.save()
         return ctx.stop_requested.is_set()
 
     try:
         result = trainer.train(config, console=ctx.console, should_stop=should_stop)
     finally:
-        if not saved:
-            _save_arguments(run_dir, arguments)
+        args_file.save()  # a run that ended before asking (one step, or a failure)
     estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(name, result)
 
 
-ARGS_FILE = "args.yaml"
+class ArgsFile:
+    """args.yaml of a run: its train call's arguments, written once, atomically, into a run
+    the trainer has started (it refuses a folder that already holds anything) and kept."""
 
+    NAME = "args.yaml"
 
-def _save_arguments(run_dir: Path, arguments: dict[str, Any]) -> None:
-    """Write args.yaml atomically into a run the trainer started (and kept)."""
-    import os
+    def __init__(self, run_dir: Path, arguments: dict[str, Any]):
+        self.run_dir, self.arguments, self.saved = run_dir, arguments, False
 
-    import yaml
+    def save(self) -> None:
+        import os
 
-    from booth.dreambooth.setup import is_main_process
+        import yaml
 
-    if not (run_dir / "run.yaml").is_file() or not is_main_process():
-        return
-    tmp = run_dir / f".tmp-{ARGS_FILE}"
-    tmp.write_text(yaml.safe_dump(arguments, sort_keys=False, allow_unicode=True),
-                   encoding="utf-8")
-    os.replace(tmp, run_dir / ARGS_FILE)
+        from booth.dreambooth.setup import is_main_process
+
+        if self.saved or not (self.run_dir / "run.yaml").is_file() or not is_main_process():
+            return
+        tmp = self.run_dir / f".tmp-{self.NAME}"
+        tmp.write_text(yaml.safe_dump(self.arguments, sort_keys=False, allow_unicode=True),
+                       encoding="utf-8")
+        os.replace(tmp, self.run_dir / self.NAME)
+        self.saved = True
 
 
 @tool
