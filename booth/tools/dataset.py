@@ -2,7 +2,8 @@
 
 Layout written: `datasets/<name>/images/0001.png ...` and `datasets/<name>/manifest.json`,
 which the train tool reads (name, source, class_noun, instance_token, instance_prompt,
-class_prompt, resolution, images[file, source, sha256], rejected, warnings).
+class_prompt, resolution, images[file, source, sha256, caption], rejected, warnings);
+a photo's caption (`<photo>.txt` beside it) is copied as `images/0001.txt`.
 
 Re-preparing a name that exists: the dataset is rebuilt and swapped in when it came from the
 same source folder (the usual "I added photos" case); a dataset of the same name made from a
