@@ -176,13 +176,6 @@ def _libraries(cuda: bool) -> list[Check]:
     checks = [Check("libraries", FAIL, f"{', '.join(missing)} not installed ({listed})",
                     f"pip install {' '.join(missing)}") if missing
               else Check("libraries", OK, listed)]
-    if found["peft"] and found["transformers"]:
-        from booth.dreambooth.models import text_encoder_lora_problem
-
-        problem = text_encoder_lora_problem()
-        checks.append(Check("lora", WARN, problem, "upgrade peft, or train LoRA without the "
-                            "text encoder (train_text_encoder=false)") if problem
-                      else Check("lora", OK, "text-encoder LoRA works with these versions"))
     if importlib.util.find_spec("bitsandbytes") is not None:
         checks.append(Check("8-bit adam", OK, "bitsandbytes installed"))
     elif cuda:

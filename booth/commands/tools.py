@@ -98,7 +98,8 @@ def call_tool(
         list[str] | None,
         typer.Argument(
             help="A JSON object ('{\"dataset\": \"rex\"}'), or key=value pairs "
-            "(values read as JSON when they parse, else as text).",
+            "(values read as JSON when they parse, else as text); a first @FILE reads them "
+            "from a YAML/JSON file (e.g. @runs/rex-1/args.yaml), and pairs after it override.",
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option(

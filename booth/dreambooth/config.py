@@ -54,6 +54,11 @@ class TrainConfig:
     # Images are resized on their short side and centre-cropped.
     resolution: Annotated[int, Param("Square training resolution in pixels, a multiple of 8",
                                      minimum=64, multiple_of=8)] = 512
+    # False: each epoch a random crop, placed by (seed, epoch, index). Only images that are not
+    # square have anything to crop (prepare_dataset's are square); those are re-encoded
+    # through the VAE every epoch, which stays in memory.
+    center_crop: Annotated[bool, Param("Centre crop; false: a random crop each epoch (of "
+                                       "images that are not square)")] = True
     # Off by default: a subject's asymmetric marks (a parting, a logo) would be learned both
     # ways. The choice is seeded by (seed, epoch, index).
     random_flip: Annotated[bool, Param("Mirror images at random (avoid for asymmetric "
@@ -77,6 +82,12 @@ class TrainConfig:
     lr_scheduler: Annotated[Scheduler, Param("Learning-rate schedule")] = "constant"
     lr_warmup_steps: Annotated[int, Param("Warm-up steps of the schedule", minimum=0,
                                           maximum=1_000_000)] = 0
+    # cosine_with_restarts: how many times the cosine starts over; polynomial: the power of
+    # its decay (1 is linear).
+    lr_num_cycles: Annotated[int, Param("Restarts of cosine_with_restarts", minimum=1,
+                                        maximum=1000)] = 1
+    lr_power: Annotated[float, Param("Power of the polynomial schedule's decay", minimum=0,
+                                     maximum=100)] = 1.0
     adam_beta1: Annotated[float, Param("AdamW beta1", minimum=0, exclusive_maximum=1)] = 0.9
     adam_beta2: Annotated[float, Param("AdamW beta2", minimum=0, exclusive_maximum=1)] = 0.999
     adam_weight_decay: Annotated[float, Param("AdamW weight decay", minimum=0,
@@ -86,6 +97,16 @@ class TrainConfig:
     # Clipping keeps one bad batch from wrecking a few-image fine-tune.
     max_grad_norm: Annotated[float, Param("Clip gradients to this norm; 0 turns clipping off",
                                           minimum=0, maximum=1000)] = 1.0
+    # Min-SNR weighting (Hang et al. 2023): each example's loss is scaled by
+    # min(SNR, gamma)/SNR (epsilon) or min(SNR, gamma)/(SNR + 1) (v-prediction), so the many
+    # nearly noise-free timesteps stop dominating. 5 is the paper's value.
+    snr_gamma: Annotated[float | None, Param("Min-SNR loss weighting gamma (5 is usual); "
+                                             "0 or unset: off", minimum=0,
+                                             maximum=1000)] = None
+    # Offset noise: a per-channel constant added to the noise lets the model learn overall
+    # brightness (very dark or bright images); 0.05-0.1 is usual.
+    noise_offset: Annotated[float, Param("Offset noise strength; 0: off", minimum=0,
+                                         maximum=1)] = 0.0
     # Data order, flips, noise, timesteps and LoRA init all follow it.
     seed: Annotated[int, Param("Seed of data order, noise and timesteps", **SEED)] = 0
 

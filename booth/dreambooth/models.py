@@ -84,32 +84,20 @@ def lora_config(rank: int, targets: list[str]):
                       target_modules=targets)
 
 
-def text_encoder_lora_problem() -> str | None:
-    """Why a text-encoder LoRA cannot be trained and loaded here, or None if it can.
-
-    transformers' adapter API (which `load_lora_weights` uses for the text encoder) demands a
-    newer peft than the UNet side does; an adapter nobody can load is worth nothing.
-    """
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
-    try:
-        from transformers.integrations.peft import MIN_PEFT_VERSION
-    except ImportError:  # moved or gone: assume the installed versions agree
-        return None
-    if Version(version("peft")) < Version(MIN_PEFT_VERSION):
-        return f"text-encoder LoRA needs peft>={MIN_PEFT_VERSION} (installed {version('peft')})"
-    return None
-
-
 def add_lora(unet, text_encoder, rank: int) -> None:
-    """Freeze the base weights and add trainable low-rank adapters (text encoder optional)."""
+    """Freeze the base weights and add trainable low-rank adapters (text encoder optional).
+
+    The text encoder's go in with peft's own `inject_adapter_in_model`, not transformers'
+    `add_adapter`: transformers 5 refuses peft < 0.22 there, while the injection (the one
+    diffusers' `load_lora_weights` uses to load them back) works with the peft booth declares.
+    """
+    from peft import inject_adapter_in_model
+
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(rank, UNET_LORA_TARGETS))
     if text_encoder is not None:
         text_encoder.requires_grad_(False)
-        text_encoder.add_adapter(lora_config(rank, TEXT_LORA_TARGETS))
+        inject_adapter_in_model(lora_config(rank, TEXT_LORA_TARGETS), text_encoder)
 
 
 def export_pipeline(base_model: str, unet, text_encoder, dest: Path) -> Path:

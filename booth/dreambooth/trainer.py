@@ -278,30 +278,55 @@ def _micro_step(t: Training, batch, config: TrainConfig, step: int):
 
 
 def _losses(batch, unet, prompts, noise_scheduler, generator, config, scaling) -> dict:
-    """Instance and prior MSE of the noise (or v) prediction for one batch."""
+    """Instance and prior MSE of the noise (or v) prediction for one batch; with snr_gamma,
+    each example's error is weighted by min-SNR first."""
     import torch
-    import torch.nn.functional as F
 
     mean, std = batch["latents"].unbind(1)  # cached statistics of the frozen VAE's posterior
     draw = {"generator": generator, "device": mean.device, "dtype": mean.dtype}
     latents = (mean + std * torch.randn(mean.shape, **draw) - scaling[1]) * scaling[0]
     noise = torch.randn(latents.shape, **draw)
+    if config.noise_offset:  # drawn only when on: the default run's noise stays the same
+        noise = noise + config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), **draw)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    hidden = prompts(batch["num_instance"], len(latents) - batch["num_instance"])
+    hidden = prompts(batch["prompts"])
     prediction = unet(noisy, timesteps, hidden, return_dict=False)[0].float()
-    if noise_scheduler.config.prediction_type == "v_prediction":
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    if v_prediction:
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
+    weights = (_min_snr_weights(noise_scheduler, timesteps, config.snr_gamma, v_prediction)
+               if config.snr_gamma else None)
     n = batch["num_instance"]
-    instance_loss = F.mse_loss(prediction[:n], target[:n].float())
+    instance_loss = _mse(prediction, target, weights, slice(None, n))
     if not config.with_prior_preservation:
         return {"loss": instance_loss, "instance_loss": instance_loss}
-    prior_loss = F.mse_loss(prediction[n:], target[n:].float())
+    prior_loss = _mse(prediction, target, weights, slice(n, None))
     loss = instance_loss + config.prior_loss_weight * prior_loss
     return {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
+
+
+def _mse(prediction, target, weights, rows: slice):
+    """MSE of the examples `rows`; each example's error times its weight when weighted."""
+    import torch.nn.functional as F
+
+    if weights is None:  # the plain MSE, summed in the same order as always
+        return F.mse_loss(prediction[rows], target[rows].float())
+    errors = (prediction[rows] - target[rows].float()).pow(2).flatten(1).mean(1)
+    return (errors * weights[rows]).mean()
+
+
+def _min_snr_weights(noise_scheduler, timesteps, gamma: float, v_prediction: bool):
+    """min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for v (Hang et al. 2023:
+    the v-loss already carries a factor SNR + 1 relative to the x0-loss)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if v_prediction else clipped / snr
 
 
 def _metrics_row(state: dict, sums: dict, lr: float) -> dict:

@@ -110,10 +110,12 @@ def _used_gpu_memory() -> float | None:
     return float(max(0, total - free - torch.cuda.memory_reserved()))
 
 
-def _load_inference_pipeline(base_model: str):
+def _load_inference_pipeline(base_model: str, precision: str | None = None):
     from booth.dreambooth.loading import load_inference_pipeline
 
-    return load_inference_pipeline(base_model)
+    # The default call stays load_inference_pipeline(base_model), as stand-ins expect.
+    return (load_inference_pipeline(base_model, precision) if precision
+            else load_inference_pipeline(base_model))
 
 
 @dataclass
@@ -129,8 +131,8 @@ class ToolContext:
     # `exit_code` (128 + the signal).
     terminated: threading.Event = field(default_factory=threading.Event)
     exit_code: int = EXIT_TERMINATED
-    # base model -> a pipeline to generate images with (class images, samples of the base
-    # model). A test passes a counting or pre-built one here.
+    # (base model, precision=None) -> a pipeline to generate images with (class images,
+    # samples of the base model). A test passes a counting or pre-built one here.
     load_pipeline: Callable[[str], Any] = _load_inference_pipeline
     # Bytes free on the GPU now (None: no GPU): what memory plans compare with. The one
     # place a stand-in for CUDA is right, in tests on machines without a GPU.

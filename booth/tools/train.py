@@ -25,7 +25,9 @@ from booth.tools.workspace import NAME_PATTERN, check_name
 # for "go back to step 400". Every other setting (run_name, seed, LoRA rank, schedule, batch
 # size, tracker, the dataset's prompts and resolution...) keeps its default unless the user
 # sets it in an approval edit or `booth call`; hiding them keeps the fixed prefix of every
-# request small (benchmarks/prompt_tokens.py).
+# request small (benchmarks/prompt_tokens.py). The knobs of the field's scripts (snr_gamma,
+# noise_offset, center_crop, the schedules' cycles and power, Adam's settings) stay hidden
+# too: chat users rarely name them, and the prompt has ~20 tokens to spare.
 MODEL_SEES = (
     "dataset", "max_train_steps", "learning_rate", "prior_loss_weight", "train_text_encoder",
     "checkpointing_steps", "mixed_precision", "gradient_checkpointing", "use_8bit_adam",
@@ -64,6 +66,8 @@ def train(
         raise ToolError(f"run {name!r} already exists; continue it with "
                         f"resume_checkpoint(run={name!r}) or choose another run_name")
     base = _check_base_model(base_model or ctx.base_model)
+    given = {"resolution": resolution, "class_prompt": class_prompt,  # before the defaults
+             "instance_prompt": instance_prompt}
     class_prompt = class_prompt or manifest.get("class_prompt")
     resolution = _resolution(dataset, manifest, resolution)
     class_dir = _class_images(ctx, settings["prior_loss_weight"], class_prompt, base,
@@ -75,11 +79,49 @@ def train(
         class_prompt=class_prompt, class_data_dir=str(class_dir) if class_dir else None,
         resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
     )
-    with expected_pace(training=_step_pace(ctx, config)):
-        result = trainer.train(config, console=ctx.console,
-                               should_stop=ctx.stop_requested.is_set)
+    # The call as it ran, the clock's run name and the session's base model pinned: `booth
+    # call train @runs/<name>/args.yaml run_name=<new>` repeats it.
+    args_file = ArgsFile(run_dir, {
+        "dataset": dataset, "max_train_steps": max_train_steps, "learning_rate": learning_rate,
+        "run_name": name, "base_model": base,
+        **{k: v for k, v in given.items() if v is not None}, **settings})
+
+    def should_stop() -> bool:  # asked after every step: args.yaml goes in after the first
+        args_file.save()
+        return ctx.stop_requested.is_set()
+
+    try:
+        with expected_pace(training=_step_pace(ctx, config)):
+            result = trainer.train(config, console=ctx.console, should_stop=should_stop)
+    finally:
+        args_file.save()  # a run that ended before asking (one step, or a failure)
     estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(name, result)
+
+
+class ArgsFile:
+    """args.yaml of a run: its train call's arguments, written once, atomically, into a run
+    the trainer has started (it refuses a folder that already holds anything) and kept."""
+
+    NAME = "args.yaml"
+
+    def __init__(self, run_dir: Path, arguments: dict[str, Any]):
+        self.run_dir, self.arguments, self.saved = run_dir, arguments, False
+
+    def save(self) -> None:
+        import os
+
+        import yaml
+
+        from booth.dreambooth.setup import is_main_process
+
+        if self.saved or not (self.run_dir / "run.yaml").is_file() or not is_main_process():
+            return
+        tmp = self.run_dir / f".tmp-{self.NAME}"
+        tmp.write_text(yaml.safe_dump(self.arguments, sort_keys=False, allow_unicode=True),
+                       encoding="utf-8")
+        os.replace(tmp, self.run_dir / self.NAME)
+        self.saved = True
 
 
 @tool
@@ -130,8 +172,10 @@ def _instance_prompt(dataset: str, manifest: dict, asked: str | None) -> str:
     """The dataset's prompt, or one the user wrote, which must still name the identifier."""
     if asked is None:
         return manifest["instance_prompt"]
+    from booth.tools.dataset import names_token
+
     token = manifest.get("instance_token")
-    if token and token not in asked.split():
+    if token and not names_token(asked, token):
         raise ToolError(f"instance_prompt {asked!r} does not contain the identifier {token!r} "
                         f"of dataset {dataset!r}: without it the model cannot learn the subject")
     return asked
