@@ -125,7 +125,7 @@ def test_repeating_without_a_new_name_refuses_and_keeps_the_first_run(repeated):
 
 @pytest.mark.slow
 def test_args_yaml_is_there_while_the_run_trains(tool_context, monkeypatch):
-    """A run killed after its first checkpoint can be repeated too."""
+    """A run killed at any point, even before its first step, can be repeated too."""
     from booth.dreambooth import trainer
     from booth.tools import get_tool
 

@@ -80,11 +80,13 @@ class TrainResult:
     peak_memory: float | None = None  # bytes the GPU held at most (None without CUDA)
 
 
-def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] = lambda: False
-          ) -> TrainResult:
+def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] = lambda: False,
+          on_started: Callable[[Path], None] = lambda run_dir: None) -> TrainResult:
     """Start a new run in `config.output_dir`, which must not hold one yet.
 
     Launched as several processes, each calls this; all check before the main one writes.
+    `on_started(run_dir)` is called on the main process once the folder holds run.yaml (the
+    caller's own files go in then: the folder must be empty before).
     """
     config.check()
     console = process_console(console)
@@ -99,6 +101,7 @@ def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] 
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save_yaml(run_dir / "run.yaml")
         save_fingerprint(run_dir, input_fingerprint(config))
+        on_started(run_dir)
     wait_for_everyone()
     try:
         return _run(config, run_dir, None, console, should_stop)

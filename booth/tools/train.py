@@ -81,47 +81,30 @@ def train(
     )
     # The call as it ran, the clock's run name and the session's base model pinned: `booth
     # call train @runs/<name>/args.yaml run_name=<new>` repeats it.
-    args_file = ArgsFile(run_dir, {
-        "dataset": dataset, "max_train_steps": max_train_steps, "learning_rate": learning_rate,
-        "run_name": name, "base_model": base,
-        **{k: v for k, v in given.items() if v is not None}, **settings})
-
-    def should_stop() -> bool:  # asked after every step: args.yaml goes in after the first
-        args_file.save()
-        return ctx.stop_requested.is_set()
-
-    try:
-        with expected_pace(training=_step_pace(ctx, config)):
-            result = trainer.train(config, console=ctx.console, should_stop=should_stop)
-    finally:
-        args_file.save()  # a run that ended before asking (one step, or a failure)
+    arguments = {"dataset": dataset, "max_train_steps": max_train_steps,
+                 "learning_rate": learning_rate, "run_name": name, "base_model": base,
+                 **{k: v for k, v in given.items() if v is not None}, **settings}
+    with expected_pace(training=_step_pace(ctx, config)):
+        result = trainer.train(config, console=ctx.console,
+                               should_stop=ctx.stop_requested.is_set,
+                               on_started=lambda folder: _save_args(folder, arguments))
     estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(name, result)
 
 
-class ArgsFile:
-    """args.yaml of a run: its train call's arguments, written once, atomically, into a run
-    the trainer has started (it refuses a folder that already holds anything) and kept."""
+ARGS_FILE = "args.yaml"
 
-    NAME = "args.yaml"
 
-    def __init__(self, run_dir: Path, arguments: dict[str, Any]):
-        self.run_dir, self.arguments, self.saved = run_dir, arguments, False
+def _save_args(run_dir: Path, arguments: dict[str, Any]) -> None:
+    """args.yaml: the train call's arguments, written atomically beside run.yaml."""
+    import os
 
-    def save(self) -> None:
-        import os
+    import yaml
 
-        import yaml
-
-        from booth.dreambooth.setup import is_main_process
-
-        if self.saved or not (self.run_dir / "run.yaml").is_file() or not is_main_process():
-            return
-        tmp = self.run_dir / f".tmp-{self.NAME}"
-        tmp.write_text(yaml.safe_dump(self.arguments, sort_keys=False, allow_unicode=True),
-                       encoding="utf-8")
-        os.replace(tmp, self.run_dir / self.NAME)
-        self.saved = True
+    tmp = run_dir / f".tmp-{ARGS_FILE}"
+    tmp.write_text(yaml.safe_dump(arguments, sort_keys=False, allow_unicode=True),
+                   encoding="utf-8")
+    os.replace(tmp, run_dir / ARGS_FILE)
 
 
 @tool
