@@ -32,6 +32,8 @@ from booth.dreambooth.loading import (
     quiet_progress,
     resolve_base_model,
 )
+from booth.dreambooth.plots import write_loss_plot
+from booth.dreambooth.validation import LOSS_PLOT, discard_validation_after
 
 FINAL_DIR = "final"
 LORA_DIR = "lora"
@@ -169,12 +171,15 @@ def final_model_path(run_dir: Path) -> Path | None:
 
 
 def discard_outputs_after(run_dir: Path, step: int) -> None:
-    """Resuming from `step` writes anew what came after it: later checkpoints, metric lines
-    and the final model go."""
+    """Resuming from `step` writes anew what came after it: later checkpoints, metric lines,
+    validation images and the final model go (loss.png is drawn again without them)."""
     discard_after(run_dir, step)
     for name in (FINAL_DIR, LORA_DIR):
         remove_dir(run_dir / name)
     truncate_metrics(run_dir / "metrics.jsonl", step)
+    discard_validation_after(run_dir, step)
+    if (run_dir / LOSS_PLOT).is_file():  # a resume from step 0 has nothing to draw
+        write_loss_plot(run_dir / "metrics.jsonl", run_dir / LOSS_PLOT)
 
 
 def load_run_pipeline(run_dir: str | Path, checkpoint: str | None = None, device=None):
