@@ -170,6 +170,32 @@ def test_resuming_discards_later_validation_and_half_written_steps(runs, tmp_pat
     assert (run_dir / grid).read_bytes() == (runs["root"] / "watched" / grid).read_bytes()
 
 
+@pytest.mark.slow
+def test_validation_out_of_gpu_memory_is_skipped_and_training_goes_on(tmp_path, tiny_model,
+                                                                     monkeypatch):
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from booth.dreambooth.trainer import train
+
+    def out_of_memory(*args, **kwargs):
+        (Path(args[2]) / "01-01-half.png").parent.mkdir(parents=True, exist_ok=True)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("booth.dreambooth.sampling.sample_images", out_of_memory)
+    said = io.StringIO()
+    config = TrainConfig(**{**SETTINGS, "max_train_steps": 2, "validation_steps": None},
+                         base_model=tiny_model, prior_loss_weight=0, report_to="none",
+                         instance_images=make_images(tmp_path / "photos", 1, seed=1),
+                         output_dir=str(tmp_path / "run"))
+    result = train(config, console=Console(file=said, width=200))
+    assert result.status == "completed" and (tmp_path / "run/final").is_dir()
+    assert "validation at step 2 skipped: out of GPU memory" in said.getvalue()
+    assert steps_on_disk(tmp_path / "run") == []  # no half-written step folder either
+
+
 def test_a_half_written_step_is_never_listed(tmp_path):
     from booth.dreambooth.validation import discard_validation_after, latest_grid
 

@@ -96,18 +96,33 @@ def validate(t, config: TrainConfig, run_dir: Path, step: int, console=None) -> 
     """Render the validation prompts with the live models of `t` (a setup.Training) into
     validation/step-<step>/ and log them to the trackers; return the grid (main process).
     The other processes wait meanwhile."""
+    import torch
+
     accelerator = t.accelerator
     grid = None
     if accelerator.is_main_process:
         prompts = validation_prompts(config)
-        with preserved_rng(), evaluating(t.models):
-            result = _render(t, config, run_dir, step, prompts)
-        grid = result.grid
-        _log_images(accelerator, prompts, result.images, config.num_validation_images, step)
-        if console is not None:
-            console.print(f"validation images: {grid}")
+        try:
+            with preserved_rng(), evaluating(t.models):
+                result = _render(t, config, run_dir, step, prompts)
+        except torch.OutOfMemoryError:
+            # The pictures are worth less than the run: a card that only just fits the
+            # training goes on training without them.
+            torch.cuda.empty_cache()
+            _say(console, f"[yellow]validation at step {step} skipped: out of GPU memory "
+                          "(validation_steps=0 turns it off)[/]")
+        else:
+            grid = result.grid
+            _log_images(accelerator, prompts, result.images, config.num_validation_images,
+                        step)
+            _say(console, f"validation images: {grid}")
     accelerator.wait_for_everyone()
     return grid
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text)
 
 
 def _render(t, config: TrainConfig, run_dir: Path, step: int, prompts: list[str]):
@@ -116,16 +131,20 @@ def _render(t, config: TrainConfig, run_dir: Path, step: int, prompts: list[str]
     final = step_dir(run_dir, step)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipeline = _pipeline(t, config)
     try:
+        pipeline = _pipeline(t, config)
         with t.accelerator.autocast():
             result = sample_images(
                 pipeline, prompts, tmp, num_images_per_prompt=config.num_validation_images,
                 num_inference_steps=config.validation_inference_steps, seed=config.seed,
                 height=config.resolution, width=config.resolution,
                 batch_size=config.num_validation_images, grid_title=f"step {step}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
-        _frozen_parts(t, config).to("cpu")  # the GPU memory is training's again
+        if id(t) in _FROZEN:
+            _FROZEN[id(t)].to("cpu")  # the GPU memory is training's again
     replace_dir(tmp, final)
     result.images = [final / p.name for p in result.images]
     result.grid = final / "grid.png"
