@@ -130,7 +130,7 @@ class TrainConfig:
                                                 maximum=8)] = 2
     # Few steps of a fast deterministic sampler: enough to see the subject, cheap to repeat.
     validation_inference_steps: Annotated[int, Param("Denoising steps of validation images",
-                                                     minimum=1, maximum=200)] = 15
+                                                     minimum=1, maximum=200)] = 10
 
     @property
     def with_prior_preservation(self) -> bool:

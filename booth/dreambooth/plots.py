@@ -34,8 +34,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def smoothed(values: list[float]) -> list[float]:
-    """A debiased exponential moving average spanning ~5% of the points (2 to 50)."""
-    span = min(max(len(values) // 20, 2), 50)
+    """A debiased exponential moving average spanning ~10% of the points (2 to 100)."""
+    span = min(max(len(values) // 10, 2), 100)
     beta, average, out = 1 - 2 / (span + 1), 0.0, []
     for i, value in enumerate(values, start=1):
         average = beta * average + (1 - beta) * value
@@ -54,9 +54,11 @@ def write_loss_plot(metrics: Path, dest: Path) -> Path | None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    figure = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    figure = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(figure)
-    losses, rates = figure.subplots(2, 1, sharex=True, height_ratios=(4, 1))
+    # Fixed margins: a layout engine would double the time of every plot.
+    losses, rates = figure.subplots(2, 1, sharex=True, height_ratios=(4, 1), gridspec_kw=dict(
+        left=0.1, right=0.98, top=0.93, bottom=0.1, hspace=0.12))
     curves = [c for c in CURVES if all(c[0] in row for row in rows)]
     if "prior_loss" not in rows[-1]:  # without priors the instance loss is the loss
         curves = [c for c in curves if c[0] != "instance_loss"]
