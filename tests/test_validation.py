@@ -171,6 +171,29 @@ def test_resuming_discards_later_validation_and_half_written_steps(runs, tmp_pat
 
 
 @pytest.mark.slow
+def test_lora_under_autocast_validates_without_changing_the_losses(tmp_path, tiny_model):
+    """LoRA over frozen low-precision weights, rendered under bf16 autocast with gradient
+    checkpointing on: the fragile path for a pipeline built around live models."""
+    from booth.dreambooth.trainer import train
+
+    photos = make_images(tmp_path / "photos", 2, seed=1)
+    for name, every in (("seen", None), ("unseen", 0)):
+        train(TrainConfig(**{**SETTINGS, "max_train_steps": 3, "checkpointing_steps": 1,
+                             "validation_steps": every, "num_validation_images": 1},
+                          base_model=tiny_model, prior_loss_weight=0, use_lora=True,
+                          mixed_precision="bf16", gradient_checkpointing=True,
+                          report_to="none", instance_images=photos,
+                          output_dir=str(tmp_path / name)))
+    assert steps_on_disk(tmp_path / "seen") == ["step-1", "step-2", "step-3"]
+    with Image.open(tmp_path / "seen/validation/step-3/01-01-a-photo-of-sks-dog.png") as image:
+        assert image.size == (64, 64) and image.getextrema() != ((0, 0),) * 3  # not black
+    rows = [(tmp_path / name / "metrics.jsonl").read_text() for name in ("seen", "unseen")]
+    strip = [[{k: v for k, v in json.loads(line).items() if k != "elapsed"}
+              for line in text.splitlines()] for text in rows]
+    assert strip[0] == strip[1] and len(strip[0]) == 3
+
+
+@pytest.mark.slow
 def test_validation_out_of_gpu_memory_is_skipped_and_training_goes_on(tmp_path, tiny_model,
                                                                      monkeypatch):
     import io

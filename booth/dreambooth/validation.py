@@ -24,6 +24,7 @@ from pathlib import Path
 from booth.dreambooth.checkpoints import TMP_PREFIX, remove_dir, replace_dir
 from booth.dreambooth.config import TrainConfig
 from booth.dreambooth.plots import write_loss_plot
+from booth.dreambooth.setup import same_on_every_process
 
 VALIDATION_DIR = "validation"
 LOSS_PLOT = "loss.png"
@@ -86,7 +87,10 @@ def discard_validation_after(run_dir: Path, step: int) -> None:
 def watch(t, config: TrainConfig, run_dir: Path, step: int, console=None) -> None:
     """What a person looks at after checkpoint `step` (and at the end): the validation
     images when they are due and not yet there, and loss.png."""
-    if validation_due(config, step) and step not in validated_steps(run_dir):
+    # Every process must agree, or some would wait at validate's barrier for ever: the main
+    # process looks (before anyone writes) and says.
+    if validation_due(config, step) and same_on_every_process(
+            step not in validated_steps(run_dir)):
         validate(t, config, run_dir, step, console)
     if t.accelerator.is_main_process:
         write_loss_plot(run_dir / "metrics.jsonl", run_dir / LOSS_PLOT)
