@@ -171,6 +171,23 @@ def test_resuming_discards_later_validation_and_half_written_steps(runs, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_run_killed_while_rendering_its_last_step_renders_it_on_resume(runs, tmp_path):
+    from booth.dreambooth.trainer import resume
+
+    run_dir = tmp_path / "killed"
+    shutil.copytree(runs["root"] / "stopped", run_dir)
+    # As a kill during the last validation leaves it: checkpoint-5 saved, no final model yet.
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "validation/step-5").rename(run_dir / "validation/.tmp-step-5")
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    assert resume(run_dir).status == "completed"
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing trained again
+    assert steps_on_disk(run_dir) == ["step-4", "step-5"]
+    grid = "validation/step-5/grid.png"
+    assert (run_dir / grid).read_bytes() == (runs["root"] / "watched" / grid).read_bytes()
+
+
+@pytest.mark.slow
 def test_lora_under_autocast_validates_without_changing_the_losses(tmp_path, tiny_model):
     """LoRA over frozen low-precision weights, rendered under bf16 autocast with gradient
     checkpointing on: the fragile path for a pipeline built around live models."""
