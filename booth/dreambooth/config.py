@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from booth.dreambooth.errors import ConfigError
-from booth.schema import NOT_BLANK, PATH, Param, errors, settings_schema
+from booth.schema import NOT_BLANK, PATH, Param, errors, pattern, settings_schema
 
 __all__ = ["ConfigError", "SUMMARY_FIELDS", "TrainConfig", "load_config"]
 
@@ -29,6 +29,7 @@ Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine",
                     "cosine_with_restarts", "polynomial"]
 STEPS = {"minimum": 1, "maximum": 1_000_000}
 SEED = {"minimum": 0, "maximum": 2**32 - 1}
+PROMPT_LINE = pattern(r"^[^\n\r]*\S[^\n\r]*$", "one line of text (not blank)")
 
 
 @dataclass
@@ -137,6 +138,24 @@ class TrainConfig:
     export_dtype: Annotated[Literal["fp16", "fp32", "bf16"],
                             Param("Precision of the single file or kohya LoRA written at the "
                                   "end")] = "fp16"
+    # Watching it learn (booth.dreambooth.validation): images rendered with the model being
+    # trained, at fixed seeds, so those of successive steps differ only by what training
+    # changed. None: the instance prompt, and its subject on a beach (does the identifier
+    # carry the subject beyond the photos?).
+    validation_prompts: Annotated[list[str] | None, Param(
+        "Prompts rendered while training (default: the instance prompt and its subject "
+        "on the beach)", min_items=1, max_items=8, min_length=1, max_length=300,
+        pattern=PROMPT_LINE)] = None
+    # Rendered at checkpoints (and the end), so None: at every checkpoint; 0: never.
+    validation_steps: Annotated[int | None, Param(
+        "Render validation images every N steps, a multiple of checkpointing_steps "
+        "(default: at every checkpoint); 0 turns them off", minimum=0,
+        maximum=1_000_000)] = None
+    num_validation_images: Annotated[int, Param("Validation images per prompt", minimum=1,
+                                                maximum=8)] = 2
+    # Few steps of a fast deterministic sampler: enough to see the subject, cheap to repeat.
+    validation_inference_steps: Annotated[int, Param("Denoising steps of validation images",
+                                                     minimum=1, maximum=200)] = 10
 
     @property
     def with_prior_preservation(self) -> bool:
@@ -154,6 +173,11 @@ class TrainConfig:
                 "prior preservation (prior_loss_weight > 0) needs class_data_dir and class_prompt; "
                 "generate class images first, or set prior_loss_weight to 0"
             )
+        steps = self.validation_steps
+        if steps and steps % self.checkpointing_steps:
+            raise ConfigError(
+                f"validation images are rendered at checkpoints: validation_steps ({steps}) "
+                f"must be a multiple of checkpointing_steps ({self.checkpointing_steps})")
         return self
 
     def settings(self) -> dict[str, Any]:

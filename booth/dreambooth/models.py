@@ -32,6 +32,8 @@ from booth.dreambooth.loading import (
     quiet_progress,
     resolve_base_model,
 )
+from booth.dreambooth.plots import write_loss_plot
+from booth.dreambooth.validation import LOSS_PLOT, discard_validation_after
 
 FINAL_DIR = "final"
 LORA_DIR = "lora"
@@ -158,7 +160,8 @@ def final_model_path(run_dir: Path) -> Path | None:
 
 def discard_outputs_after(run_dir: Path, step: int) -> None:
     """Resuming from `step` writes anew what came after it: later checkpoints, metric lines,
-    the final model and its export go."""
+    the final model and its exports, validation images go (loss.png is drawn again without
+    them)."""
     from booth.dreambooth.export import final_exports  # it imports this module
 
     discard_after(run_dir, step)
@@ -167,6 +170,9 @@ def discard_outputs_after(run_dir: Path, step: int) -> None:
     for file in final_exports(run_dir):
         file.unlink(missing_ok=True)
     truncate_metrics(run_dir / "metrics.jsonl", step)
+    discard_validation_after(run_dir, step)
+    if (run_dir / LOSS_PLOT).is_file():  # a resume from step 0 has nothing to draw
+        write_loss_plot(run_dir / "metrics.jsonl", run_dir / LOSS_PLOT)
 
 
 def load_run_pipeline(run_dir: str | Path, checkpoint: str | None = None, device=None):

@@ -59,6 +59,7 @@ from booth.dreambooth.train_data import (
     save_fingerprint,
     thread_change,
 )
+from booth.dreambooth.validation import watch
 
 __all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "TrainingError",
            "list_checkpoints", "load_run_pipeline", "resume", "train"]
@@ -199,6 +200,7 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, s
         loop_seconds = time.monotonic() - loop_started
         if status == "completed":
             final_model = _export(t, config, run_dir)
+        watch(t, config, run_dir, state["step"], console)  # e.g. after an export-only resume
     finally:
         if config.report_to != "none":
             t.accelerator.end_training()
@@ -348,6 +350,7 @@ def _checkpoint(t: Training, run_dir: Path, state: dict, config: TrainConfig,
     if t.accelerator.is_main_process:
         prune_checkpoints(run_dir, config.checkpoints_total_limit)
         progress.console.print(f"saved {saved.name}")
+    watch(t, config, run_dir, state["step"], progress.console)  # validation images, loss.png
 
 
 def _export(t: Training, config: TrainConfig, run_dir: Path) -> Path:

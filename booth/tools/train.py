@@ -194,9 +194,19 @@ def _result(name: str, result) -> dict:
         "checkpoints": checkpoints,
         "final_model": str(result.final_model) if result.final_model else None,
         "metrics": str(result.run_dir / "metrics.jsonl"),
+        **_pictures(result.run_dir),
         "seconds": round(result.seconds, 1),
         "hint": hint,
     }
+
+
+def _pictures(run_dir: Path) -> dict:
+    """Where to look: the newest validation grid and the loss plot, when the run has them."""
+    from booth.dreambooth.validation import LOSS_PLOT, latest_grid
+
+    grid, plot = latest_grid(run_dir), run_dir / LOSS_PLOT
+    return ({"validation_grid": str(grid)} if grid else {}) | (
+        {"loss_plot": str(plot)} if plot.is_file() else {})
 
 
 def _manifest(ctx: ToolContext, dataset: str) -> tuple[dict, Path]:

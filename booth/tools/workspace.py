@@ -2,7 +2,8 @@
 
     <workspace>/datasets/<name>/      prepared images + manifest.json
     <workspace>/priors/<key>/         generated class images + priors.json
-    <workspace>/runs/<name>/          run.yaml, metrics.jsonl, logs/, checkpoints/, final model
+    <workspace>/runs/<name>/          run.yaml, metrics.jsonl, logs/, checkpoints/, validation/,
+                                      loss.png, final model
     <workspace>/samples/<name>/       sampled PNGs and a grid
     <workspace>/transcripts/          one JSONL file per chat session
 """
