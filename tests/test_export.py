@@ -118,7 +118,8 @@ def test_the_kohya_lora_loads_and_gives_the_images_of_lora(runs, tiny_model):
     _, _, run = runs
     file = run / "export/lo-lora.safetensors"
     state = tensors(file)
-    assert state and all(k.startswith("lora_unet_") for k in state)
+    assert state and all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in state)
+    assert any(k.startswith("lora_te_") for k in state), "the text encoder's LoRA is exported"
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in state)
     name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0"
     assert state[f"{name}.alpha"].item() == state[f"{name}.lora_down.weight"].shape[0] == 4
@@ -127,9 +128,19 @@ def test_the_kohya_lora_loads_and_gives_the_images_of_lora(runs, tiny_model):
     pipeline.load_lora_weights(str(file))
     kohya = generate(pipeline)
     assert np.abs(kohya - base).max() > 1e-3, "the kohya file changes nothing"
+    kohya_text = encode(pipeline)
     pipeline = load_pipeline(tiny_model, device="cpu")
+    base_text = encode(pipeline)
     pipeline.load_lora_weights(str(run / "lora"))
     np.testing.assert_allclose(kohya, generate(pipeline), atol=2e-3)  # fp16 vs fp32 weights
+    assert (kohya_text - base_text).abs().max() > 1e-2, "the text encoder's LoRA is applied"
+    torch.testing.assert_close(kohya_text, encode(pipeline), atol=1e-3, rtol=1e-3)
+
+
+def encode(pipeline):
+    ids = pipeline.tokenizer(["a photo of sks dog"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipeline.text_encoder(ids)[0]
 
 
 def test_a_lora_checkpoint_loads_with_load_lora_weights(runs, tiny_model):

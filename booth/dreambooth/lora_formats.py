@@ -20,7 +20,9 @@ COMPONENTS = ("unet", "text_encoder")
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 _ENDINGS = {".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
             ".lora.down.weight": "down", ".lora.up.weight": "up",
-            ".lora_A.weight": "down", ".lora_B.weight": "up"}
+            ".lora_A.weight": "down", ".lora_B.weight": "up",
+            # diffusers' spelling of text-encoder adapters (convert_state_dict_to_diffusers)
+            ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
 
 
 def lora_modules(state: dict, component: str | None = None) -> dict[tuple[str, str], dict]:
@@ -65,8 +67,11 @@ def to_diffusers(modules: dict) -> dict:
     """The keys `pipe.load_lora_weights` reads, as diffusers' own `save_lora_weights` writes."""
     out = {}
     for (component, path), pair in sorted(modules.items()):
-        out[f"{component}.{path}.lora.down.weight"] = pair["down"].contiguous()
-        out[f"{component}.{path}.lora.up.weight"] = pair["up"].contiguous()
+        # The text encoder's adapters keep the older spelling: the only one diffusers' text
+        # encoder loader recognises besides PEFT's.
+        layer = "lora_linear_layer" if component == "text_encoder" else "lora"
+        out[f"{component}.{path}.{layer}.down.weight"] = pair["down"].contiguous()
+        out[f"{component}.{path}.{layer}.up.weight"] = pair["up"].contiguous()
     return out
 
 
@@ -87,4 +92,5 @@ def fuse(state: dict, modules: dict, component: str) -> dict:
 
 
 def is_lora_state(state: dict) -> bool:
-    return any(".lora_A." in key or ".lora.down." in key for key in state)
+    return any(marker in key for key in state
+               for marker in (".lora_A.", ".lora.down.", ".lora_linear_layer.down."))
