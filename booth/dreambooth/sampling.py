@@ -34,6 +34,14 @@ class SampleResult:
     status: str = "complete"        # or "interrupted"
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    cells: dict[tuple[int, int], Path] = field(default_factory=dict)  # (row, 1-based column)
+
+    def by_prompt(self, prompts: list[str]) -> dict[str, list[Path]]:
+        """{prompt: its images}, in prompt order (a prompt given twice pools its rows)."""
+        found: dict[str, list[Path]] = {}
+        for (row, _), path in sorted(self.cells.items()):
+            found.setdefault(prompts[row], []).append(path)
+        return found
 
 
 def image_seed(seed: int, column: int) -> int:
@@ -91,7 +99,8 @@ def sample_images(pipeline, prompts: list[str], out_dir: Path, *, num_images_per
     paths = [cells[k] for k in sorted(cells)]
     _write_json(out_dir / "samples.json", {**settings, "status": status,
                                            "images": [p.name for p in paths]})
-    return SampleResult(paths, grid, status, round(time.monotonic() - started, 2), settings)
+    return SampleResult(paths, grid, status, round(time.monotonic() - started, 2), settings,
+                        cells)
 
 
 def _render(pipeline, prompt: str, cols: list[int], seed: int, settings: dict):
