@@ -184,22 +184,25 @@ def _grid(folder: Path, rows: list[dict], results: list, prompts: list[str], ren
              for (row, col), path in result.cells.items()}
     if not cells:
         return None
-    labels = [_label(row, best) for row in rows]
+    labels = [_label(row) for row in rows]
     grid = folder / "grid.png"
     labelled_grid(cells, len(results), len(prompts) * per_prompt, row_labels=labels,
-                  title=_title(run, prompts, per_prompt)).save(grid)
+                  title=_title(run, prompts, per_prompt, best)).save(grid)
     return grid
 
 
-def _label(row: dict, best: str | None) -> str:
-    star = " ★" if row["checkpoint"] == best else ""
+def _label(row: dict) -> str:
+    # Two lines fit a 64 px row: the name, then the two figures the best one is chosen by.
     figures = " ".join(f"{name} {row[key]:.3f}" for key, name in
                        (("dino", "DINO"), ("clip_t", "CLIP-T")) if row.get(key) is not None)
-    return f"{row['checkpoint']}{star} {figures}".strip()
+    return f"{row['checkpoint']} {figures}".strip()
 
 
-def _title(run: str, prompts: list[str], per_prompt: int) -> str:
+def _title(run: str, prompts: list[str], per_prompt: int, best: str | None) -> str:
     if len(prompts) == 1:
-        return f"run {run}: {prompts[0]!r}"
-    spans = [f"{i * per_prompt + 1}-{(i + 1) * per_prompt}: {p!r}" for i, p in enumerate(prompts)]
-    return f"run {run}, columns " + "; ".join(spans)
+        title = f"run {run}: {prompts[0]!r}"
+    else:
+        spans = [f"{i * per_prompt + 1}-{(i + 1) * per_prompt}: {p!r}"
+                 for i, p in enumerate(prompts)]
+        title = f"run {run}, columns " + "; ".join(spans)
+    return f"{title}. Best: {best}" if best else title
