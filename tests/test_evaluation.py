@@ -308,3 +308,21 @@ def test_without_evaluator_models_sample_still_works_and_says_why(tool_context, 
     tool_context.eval_models = str(tmp_path / "nowhere")
     why = _sample(tool_context, num_images_per_prompt=1)["scores"]["skipped"]
     assert "lacks clip/ and dino/" in why
+
+
+@pytest.mark.slow
+def test_a_subject_photo_that_no_longer_opens_skips_the_scores_not_the_images(
+        trained, model_with_evaluators, tmp_path):
+    import yaml
+
+    ctx = _context(trained, model_with_evaluators)
+    run = trained / "runs" / "broken"
+    shutil.copytree(trained / "runs" / "rex" / "final", run / "final")
+    config = yaml.safe_load((trained / "runs" / "rex" / "run.yaml").read_text())
+    (tmp_path / "0001.png").write_text("not an image any more")
+    config["instance_images"] = [str(tmp_path / "0001.png")]
+    (run / "run.yaml").write_text(yaml.safe_dump(config))
+    result = _sample(ctx, run="broken", num_images_per_prompt=1)
+    assert result["status"] == "complete" and len(result["images"]) == 1
+    assert result["scores"]["skipped"].startswith("not scored: cannot identify image file")
+    assert "Traceback" not in _said(ctx)

@@ -154,6 +154,8 @@ def _row(candidate: Candidate, result, prompts: list[str], folder: Path, scoring
     if scoring is None or isinstance(scoring, str) or not result.images:
         return row
     scores = scoring.score(result.by_prompt(prompts))
+    if "skipped" in scores:
+        return {**row, "skipped": scores["skipped"]}
     write_scores(folder, scores)
     row.update({k: scores[k] for k in ("dino", "clip_i", "clip_t") if k in scores})
     for key, value in scores.get("prior", {}).items():

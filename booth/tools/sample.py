@@ -119,7 +119,11 @@ def _scores(ctx: ToolContext, run: str | None, prompts: list[str], result, folde
     if isinstance(scoring, str):
         ctx.console.print(f"[dim]{scoring}[/]", highlight=False)
         return {"skipped": scoring}
-    scores = scoring.score(result.by_prompt(prompts))
+    scores = scoring.score(result.by_prompt(prompts)) if result.images else {
+        "skipped": "not scored: no image was rendered"}
+    if "skipped" in scores:
+        ctx.console.print(f"[dim]{scores['skipped']}[/]", highlight=False)
+        return scores
     write_scores(folder, scores)
     print_prompt_table(ctx.console, scores)
     return scores

@@ -41,9 +41,12 @@ class Scorer:
         from booth.dreambooth.evaluation import score_images
 
         s = self.subject
-        scores = score_images(self.evaluators, images, s.photos, identifier=s.identifier,
-                              class_noun=s.class_noun, class_prompt=s.class_prompt,
-                              class_images=s.class_images)
+        try:
+            scores = score_images(self.evaluators, images, s.photos, identifier=s.identifier,
+                                  class_noun=s.class_noun, class_prompt=s.class_prompt,
+                                  class_images=s.class_images)
+        except OSError as error:  # a subject photo or class image that no longer opens
+            return {"skipped": f"not scored: {error}"}
         if s.note:
             scores["note"] = s.note
         return scores
