@@ -98,6 +98,36 @@ def test_tiny_evaluators_are_written_by_the_cli_and_identical_for_a_seed(tmp_pat
         (written / "dino/model.safetensors").read_bytes()
 
 
+def test_where_the_evaluators_come_from(model_with_evaluators, tmp_path, monkeypatch):
+    """An explicit folder, then evaluators/ in a local base model, then the hub ids when they
+    are in the cache (a cache laid out by hand here: nothing is fetched)."""
+    from booth.dreambooth import evaluation
+    from booth.dreambooth.evaluation import EvaluatorsUnavailable, Sources, find_evaluators
+
+    beside = model_with_evaluators / "evaluators"
+    assert find_evaluators(base_model=str(model_with_evaluators)) == Sources(
+        str(beside / "clip"), str(beside / "dino"))
+    with pytest.raises(EvaluatorsUnavailable, match="lacks clip/ and dino/"):
+        find_evaluators(str(tmp_path), base_model=str(model_with_evaluators))  # given wins
+    monkeypatch.setenv("BOOTH_EVAL_MODELS", str(beside))
+    assert find_evaluators().clip == str(beside / "clip")
+    monkeypatch.delenv("BOOTH_EVAL_MODELS")
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    with pytest.raises(EvaluatorsUnavailable, match="hf download"):
+        find_evaluators(base_model="someone/some-model")
+    for repo, part in ((evaluation.CLIP_HUB, "clip"), (evaluation.DINO_HUB, "dino")):
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        shutil.copytree(beside / part, folder / "snapshots" / ("0" * 40))
+    assert find_evaluators() == Sources(evaluation.CLIP_HUB, evaluation.DINO_HUB)
+    loaded = evaluation.load_evaluators()
+    assert type(loaded.clip).__name__ == "CLIPModel" and type(loaded.dino).__name__ == "ViTModel"
+    assert evaluation.load_evaluators() is loaded  # once per process
+
+
 def test_scores_are_finite_bounded_repeatable_and_an_image_matches_itself_best(evaluators):
     from booth.dreambooth.evaluation import score_images
 
@@ -326,3 +356,22 @@ def test_a_subject_photo_that_no_longer_opens_skips_the_scores_not_the_images(
     assert result["status"] == "complete" and len(result["images"]) == 1
     assert result["scores"]["skipped"].startswith("not scored: cannot identify image file")
     assert "Traceback" not in _said(ctx)
+
+
+def test_the_model_is_told_when_to_compare_and_the_cost_counts_every_checkpoint(
+        trained, model_with_evaluators):
+    from booth.agent.prompt import build_system_prompt
+
+    ctx = _context(trained, model_with_evaluators)
+    prompt = build_system_prompt(ctx, device="CPU only")
+    assert 'overfitted": sample checkpoints ["all"], report best_checkpoint' in prompt
+    shown = get_tool("sample").openai_spec()["function"]["parameters"]["properties"]
+    assert shown["checkpoints"]["type"] == "array"
+    tool = get_tool("sample")
+    estimate = tool.estimate(ctx, tool.validate({"prompts": [PROMPT], "run": "rex",
+                                                 "checkpoints": ["all"],
+                                                 "num_images_per_prompt": 2}))
+    assert estimate.startswith("6 images at 64 px"), estimate  # 3 checkpoints x 2
+    single = tool.estimate(ctx, tool.validate({"prompts": [PROMPT], "run": "rex",
+                                               "num_images_per_prompt": 2}))
+    assert single.startswith("2 images")
