@@ -375,3 +375,31 @@ def test_the_model_is_told_when_to_compare_and_the_cost_counts_every_checkpoint(
     single = tool.estimate(ctx, tool.validate({"prompts": [PROMPT], "run": "rex",
                                                "num_images_per_prompt": 2}))
     assert single.startswith("2 images")
+
+
+class _StopAfter:
+    """Stands in for ctx.stop_requested: reports a stop from the (n+1)-th check on."""
+
+    def __init__(self, checks: int):
+        self.checks = checks
+
+    def is_set(self) -> bool:
+        self.checks -= 1
+        return self.checks < 0
+
+
+@pytest.mark.slow
+def test_a_comparison_stopped_part_way_says_so_and_keeps_what_it_rendered(
+        trained, model_with_evaluators):
+    ctx = _context(trained, model_with_evaluators)
+    ctx.stop_requested = _StopAfter(2)  # before checkpoint-1, its one batch; then stop
+    result = _sample(ctx, run="rex", checkpoints=["all"], num_images_per_prompt=1)
+    assert result["status"] == "interrupted"
+    assert [r["checkpoint"] for r in result["compared"]] == ["checkpoint-1"]
+    assert result["hint"].startswith("stopped after 1 of 3 checkpoints")
+    assert json.loads((Path(result["folder"]) / "scores.json").read_text())["checkpoints"]
+
+    ctx.stop_requested = _StopAfter(0)
+    nothing = _sample(ctx, run="rex", checkpoints=["all"], num_images_per_prompt=1)
+    assert nothing["compared"] == [] and nothing["grid"] is None
+    assert nothing["best_checkpoint"] is None

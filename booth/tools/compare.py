@@ -102,17 +102,21 @@ def compare_checkpoints(ctx: ToolContext, run: str, names: list[str], prompts: l
             break
     best, rule = _best(rows, scoring)
     grid = _grid(folder, rows, results, prompts, render, run, best)
+    folder.mkdir(parents=True, exist_ok=True)  # stopped before the first: still a record
     write_scores(folder, {"prompts": prompts, "checkpoints": rows, "best_checkpoint": best,
                           "rule": rule})
     if rows and scoring is not None and not isinstance(scoring, str):
         ctx.console.print(comparison_table(rows, best, rule))
-    out = {"folder": str(folder), "model": f"run {run}: {', '.join(r['checkpoint'] for r in rows)}",
+    out = {"folder": str(folder), "model": f"run {run}: " + ", ".join(c.name for c in candidates),
            "compared": rows, "best_checkpoint": best, "rule": rule,
            "grid": str(grid) if grid else None, "status": status,
            **settings_of(results[-1] if results else None, render),
            "hint": "grid.png has one row per checkpoint, every row from the same seeds. "
                    "Offer the user to sample or resume from best_checkpoint."}
     out["seconds"] = round(sum(r.seconds for r in results), 2)
+    if status == "interrupted":
+        out["hint"] = (f"stopped after {len(rows)} of {len(candidates)} checkpoints; the "
+                       "best is among those only. " + out["hint"])
     if isinstance(scoring, str):
         out["scores"] = {"skipped": scoring}
     if note:
