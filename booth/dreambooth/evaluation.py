@@ -21,15 +21,19 @@ openai/clip-vit-base-patch32 and facebook/dino-vits16 are in it. Nothing is down
 sample call never waits on 700 MB it did not ask for. They are loaded once per process and
 run on the CPU, which scores a few dozen images in seconds and leaves the GPU to the diffusion
 model and the LLM server that share it.
+
+Scoring a run's images anywhere (the sample tool; validation images during training):
+`score_subject(load_evaluators(folder, base_model), {prompt: images}, subject_of(config))`.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,9 @@ EVAL_MODELS_ENV = "BOOTH_EVAL_MODELS"
 EVALUATORS_DIR = "evaluators"
 DIGITS = 4  # the paper reports three; a fourth tells close checkpoints apart
 BEST_DINO_MARGIN = 0.02
+NO_SUBJECT = "DINO and CLIP-I need the run's subject photos"
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_MAX_CLASS_IMAGES = 32  # enough for a mean; a prior set of 200 would cost seconds per call
 _HOW_TO_GET = (f"give --eval-models DIR (a folder with clip/ and dino/ saved by transformers) "
                f"or {EVAL_MODELS_ENV}, or download {CLIP_HUB} and {DINO_HUB} where there is a "
                "network (`hf download <id>`)")
@@ -216,8 +223,7 @@ def score_images(evaluators: Evaluators, images: dict[str, list], subject: list 
     each prompt, with the text CLIP-T used) and, when `class_prompt` is among the prompts,
     "prior" (its images' DINO similarity to `subject` and to `class_images`, the base model's
     class images). The class prompt's images are not of the subject: they count only there.
-    Without `subject` photos there is no DINO or CLIP-I. Callers: the sample tool, and
-    validation images during training."""
+    Without `subject` photos there is no DINO or CLIP-I."""
     subject = list(subject)
     real_dino = evaluators.dino_embeddings(subject) if subject else None
     real_clip = evaluators.clip_image_embeddings(subject) if subject else None
@@ -277,3 +283,64 @@ def best_checkpoint(rows: list[dict], margin: float = BEST_DINO_MARGIN) -> tuple
     top = max(r["dino"] for r in with_dino)
     close = [r for r in with_dino if r["dino"] >= top - margin - 1e-9]
     return max(close, key=lambda r: r["clip_t"])["checkpoint"], best_rule(margin)
+
+
+# --- what a run's images are measured against -------------------------------------------------
+
+
+@dataclass
+class Subject:
+    """The real photos and words a run's images are scored against."""
+
+    photos: list[Path] = field(default_factory=list)
+    identifier: str | None = None
+    class_noun: str | None = None
+    class_prompt: str | None = None
+    class_images: list[Path] = field(default_factory=list)
+    note: str | None = None  # why DINO and CLIP-I are missing, said once
+
+
+def subject_of(config) -> Subject:
+    """The Subject of a run from its TrainConfig: its photos (those still on disk), its
+    identifier and class noun, its class prompt and (some of) its class images."""
+    photos = [Path(p) for p in config.instance_images if Path(p).is_file()]
+    identifier, class_noun = _identifier(photos, config.instance_prompt, config.class_prompt)
+    class_images = []
+    if config.class_data_dir and Path(config.class_data_dir).is_dir():
+        class_images = sorted(p for p in Path(config.class_data_dir).iterdir()
+                              if p.suffix.lower() in _IMAGE_SUFFIXES)[:_MAX_CLASS_IMAGES]
+    note = None if photos else f"{NO_SUBJECT}, and those in its run.yaml are gone: only CLIP-T"
+    return Subject(photos, identifier, class_noun, config.class_prompt, class_images, note)
+
+
+def _identifier(photos: list[Path], instance_prompt: str, class_prompt: str | None):
+    """(identifier, class noun): from the dataset's manifest.json when the photos are a
+    prepared dataset's, else the one word the instance prompt adds to the class prompt."""
+    for photo in photos[:1]:
+        try:
+            data = json.loads((photo.parent.parent / "manifest.json").read_text("utf-8"))
+            if data.get("instance_token"):
+                return data["instance_token"], data.get("class_noun")
+        except (OSError, ValueError, AttributeError):
+            pass
+    if class_prompt:
+        words, known = instance_prompt.split(), set(class_prompt.lower().split())
+        extra = [i for i, w in enumerate(words) if w.lower() not in known]
+        if len(extra) == 1:
+            after = words[extra[0] + 1] if extra[0] + 1 < len(words) else None
+            return words[extra[0]], after
+    return None, None
+
+
+def score_subject(evaluators: Evaluators, images: dict[str, list], subject: Subject) -> dict:
+    """score_images against `subject`, with its note; {"skipped": why} when one of its photos
+    or class images no longer opens."""
+    try:
+        scores = score_images(evaluators, images, subject.photos, identifier=subject.identifier,
+                              class_noun=subject.class_noun, class_prompt=subject.class_prompt,
+                              class_images=subject.class_images)
+    except OSError as error:
+        return {"skipped": f"not scored: {error}"}
+    if subject.note:
+        scores["note"] = subject.note
+    return scores
