@@ -403,3 +403,26 @@ def test_a_comparison_stopped_part_way_says_so_and_keeps_what_it_rendered(
     nothing = _sample(ctx, run="rex", checkpoints=["all"], num_images_per_prompt=1)
     assert nothing["compared"] == [] and nothing["grid"] is None
     assert nothing["best_checkpoint"] is None
+
+
+def test_a_runs_subject_from_its_config_with_or_without_a_dataset_manifest(tmp_path):
+    from booth.dreambooth.config import TrainConfig
+    from booth.dreambooth.evaluation import subject_of
+    from tests.test_train import make_dataset, make_priors
+
+    dataset = make_dataset(tmp_path)
+    priors = make_priors(tmp_path, count=3)
+    photos = sorted(str(p) for p in (dataset / "images").glob("*.png"))
+    subject = subject_of(TrainConfig(instance_images=photos, instance_prompt="a photo of sks dog",
+                                     class_prompt="a photo of a dog", class_data_dir=str(priors)))
+    assert (subject.identifier, subject.class_noun) == ("sks", "dog")  # from manifest.json
+    assert len(subject.photos) == 3 and len(subject.class_images) == 3 and subject.note is None
+
+    loose = tmp_path / "loose.png"
+    _photo().save(loose)
+    subject = subject_of(TrainConfig(instance_images=[str(loose)],
+                                     instance_prompt="a photo of zwx cat",
+                                     class_prompt="a photo of a cat"))
+    assert (subject.identifier, subject.class_noun) == ("zwx", "cat")  # the word it adds
+    gone = subject_of(TrainConfig(instance_images=[str(tmp_path / "gone.png")]))
+    assert gone.photos == [] and "are gone: only CLIP-T" in gone.note

@@ -314,22 +314,24 @@ def subject_of(config) -> Subject:
 
 
 def _identifier(photos: list[Path], instance_prompt: str, class_prompt: str | None):
-    """(identifier, class noun): from the dataset's manifest.json when the photos are a
-    prepared dataset's, else the one word the instance prompt adds to the class prompt."""
+    """(identifier, class noun): the identifier from the dataset's manifest.json when the
+    photos are a prepared dataset's, else the one word the instance prompt adds to the class
+    prompt; the noun from the manifest, else the word after the identifier ("sks dog")."""
+    words = instance_prompt.split()
+    identifier, noun = None, None
     for photo in photos[:1]:
         try:
             data = json.loads((photo.parent.parent / "manifest.json").read_text("utf-8"))
-            if data.get("instance_token"):
-                return data["instance_token"], data.get("class_noun")
+            identifier, noun = data.get("instance_token"), data.get("class_noun")
         except (OSError, ValueError, AttributeError):
             pass
-    if class_prompt:
-        words, known = instance_prompt.split(), set(class_prompt.lower().split())
-        extra = [i for i, w in enumerate(words) if w.lower() not in known]
-        if len(extra) == 1:
-            after = words[extra[0] + 1] if extra[0] + 1 < len(words) else None
-            return words[extra[0]], after
-    return None, None
+    if not identifier and class_prompt:
+        known = set(class_prompt.lower().split())
+        extra = [w for w in words if w.lower() not in known]
+        identifier = extra[0] if len(extra) == 1 else None
+    if identifier and not noun and identifier in words[:-1]:
+        noun = words[words.index(identifier) + 1]
+    return identifier, noun
 
 
 def score_subject(evaluators: Evaluators, images: dict[str, list], subject: Subject) -> dict:
