@@ -377,20 +377,11 @@ def test_the_model_is_told_when_to_compare_and_the_cost_counts_every_checkpoint(
     assert single.startswith("2 images")
 
 
-class _StopAfter:
-    """Stands in for ctx.stop_requested: reports a stop from the (n+1)-th check on."""
-
-    def __init__(self, checks: int):
-        self.checks = checks
-
-    def is_set(self) -> bool:
-        self.checks -= 1
-        return self.checks < 0
-
-
 @pytest.mark.slow
 def test_a_comparison_stopped_part_way_says_so_and_keeps_what_it_rendered(
         trained, model_with_evaluators):
+    from tests.test_priors_sample import _StopAfter
+
     ctx = _context(trained, model_with_evaluators)
     ctx.stop_requested = _StopAfter(2)  # before checkpoint-1, its one batch; then stop
     result = _sample(ctx, run="rex", checkpoints=["all"], num_images_per_prompt=1)
