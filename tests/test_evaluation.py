@@ -315,7 +315,8 @@ def test_one_sample_carries_scores_per_prompt_and_saves_them(trained, model_with
 @pytest.mark.slow
 def test_the_base_model_gets_clip_t_only_and_says_why_once(workspace, model_with_evaluators):
     ctx = _context(Path(workspace), model_with_evaluators)
-    scores = _sample(ctx)["scores"]
+    scores = _sample(ctx, prompts=["a [red]dog[/red] on the moon"])["scores"]
+    assert "a [red]dog[/red] on the moon" in _said(ctx)  # the prompt as typed, not as markup
     assert set(scores) == {"clip_t", "per_prompt", "note"}
     assert "need the run's subject photos" in scores["note"]
     assert "dino" not in scores["per_prompt"][0]

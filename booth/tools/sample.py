@@ -1,4 +1,5 @@
-"""The `sample` tool: render prompts with the base model or a trained run, save PNGs + a grid."""
+"""The `sample` tool: render prompts with the base model or a trained run, save PNGs + a grid,
+score them (booth.tools.scores), or compare checkpoints (booth.tools.compare)."""
 
 from __future__ import annotations
 
@@ -117,12 +118,13 @@ def _scores(ctx: ToolContext, run: str | None, prompts: list[str], result, folde
 
     scoring = scorer(ctx, run, run_base_model(ctx, run))
     if isinstance(scoring, str):
-        ctx.console.print(f"[dim]{scoring}[/]", highlight=False)
-        return {"skipped": scoring}
-    scores = scoring.score(result.by_prompt(prompts)) if result.images else {
-        "skipped": "not scored: no image was rendered"}
+        scores = {"skipped": scoring}
+    elif not result.images:
+        scores = {"skipped": "not scored: no image was rendered"}
+    else:
+        scores = scoring.score(result.by_prompt(prompts))
     if "skipped" in scores:
-        ctx.console.print(f"[dim]{scores['skipped']}[/]", highlight=False)
+        ctx.console.print(scores["skipped"], style="dim", markup=False, highlight=False)
         return scores
     write_scores(folder, scores)
     print_prompt_table(ctx.console, scores)

@@ -54,18 +54,19 @@ def _figure(value) -> str:
 def print_prompt_table(console, scores: dict) -> None:
     """One row per prompt, then the means: what a person reads after sampling."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("prompt", "DINO", "CLIP-I", "CLIP-T", title="scores (DreamBooth paper)",
                   title_justify="left")
     for row in scores["per_prompt"]:
-        table.add_row(row["prompt"], *(_figure(row.get(k)) for k in ("dino", "clip_i",
+        table.add_row(Text(row["prompt"]), *(_figure(row.get(k)) for k in ("dino", "clip_i",
                                                                      "clip_t")))
     table.add_row("[bold]mean[/]", *(_figure(scores.get(k)) for k in ("dino", "clip_i",
                                                                      "clip_t")))
     console.print(table)
     _print_prior(console, scores.get("prior"))
     if scores.get("note"):
-        console.print(scores["note"], highlight=False)
+        console.print(scores["note"], markup=False, highlight=False)
 
 
 def _print_prior(console, prior: dict | None) -> None:
@@ -73,7 +74,7 @@ def _print_prior(console, prior: dict | None) -> None:
         console.print(f"prior preservation ({prior['prompt']!r}): DINO to the subject "
                       f"{_figure(prior.get('dino_to_subject'))} (lower is better), to the base "
                       f"model's class images {_figure(prior.get('dino_to_class_images'))}",
-                      highlight=False)
+                      markup=False, highlight=False)
 
 
 def comparison_table(rows: list[dict], best: str | None, rule: str):
