@@ -249,6 +249,11 @@ def test_all_checkpoints_compared_one_row_each_with_a_grid_and_the_best(trained,
         assert np.array_equal(cell, np.asarray(Image.open(first).convert("RGB"), np.int16))
     said = _said(ctx)
     assert "checkpoints compared" in said and "★" in said and "checkpoint-2" in said
+    from booth.tools.workspace import describe_workspace
+
+    listed = {s["name"]: s for s in describe_workspace(ctx.workspace)["sample_sets"]}
+    shown = listed[Path(result["folder"]).name]  # what `booth ls` says of it
+    assert shown["images"] == 3 * 2 * 2 and shown["prompts"] == [PROMPT, "a photo of a dog"]
 
 
 @pytest.mark.slow

@@ -83,6 +83,7 @@ def _lookup(name: str, by_name: dict, steps: list[int], final: Candidate | None)
 def compare_checkpoints(ctx: ToolContext, run: str, names: list[str], prompts: list[str],
                         render: Render, score: bool) -> dict:
     """Render `prompts` from each model `names` stands for and compare them."""
+    from booth.dreambooth.sampling import write_json
     from booth.tools.scores import comparison_table, scorer, write_scores
 
     candidates, note = resolve_candidates(ctx, run, names)
@@ -105,6 +106,10 @@ def compare_checkpoints(ctx: ToolContext, run: str, names: list[str], prompts: l
     folder.mkdir(parents=True, exist_ok=True)  # stopped before the first: still a record
     write_scores(folder, {"prompts": prompts, "checkpoints": rows, "best_checkpoint": best,
                           "rule": rule})
+    write_json(folder / "samples.json", {  # what `booth ls` reads of a sample set
+        "prompts": prompts, "status": status, "seed": render.seed,
+        "compared": [c.name for c in candidates], "images": [
+            str(p.relative_to(folder)) for r in results for p in r.images]})
     if rows and scoring is not None and not isinstance(scoring, str):
         ctx.console.print(comparison_table(rows, best, rule))
     out = {"folder": str(folder), "model": f"run {run}: " + ", ".join(c.name for c in candidates),

@@ -7,7 +7,6 @@ images and prints the figures as a table.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +42,9 @@ def scorer(ctx: ToolContext, run: str | None, base_model: str) -> Scorer | str:
 
 
 def write_scores(folder: Path, scores: dict) -> None:
-    (Path(folder) / SCORES_FILE).write_text(json.dumps(scores, indent=2, ensure_ascii=False)
-                                            + "\n", encoding="utf-8")
+    from booth.dreambooth.sampling import write_json
+
+    write_json(Path(folder) / SCORES_FILE, scores)
 
 
 def _figure(value) -> str:
