@@ -34,6 +34,14 @@ class SampleResult:
     status: str = "complete"        # or "interrupted"
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    cells: dict[tuple[int, int], Path] = field(default_factory=dict)  # (row, 1-based column)
+
+    def by_prompt(self, prompts: list[str]) -> dict[str, list[Path]]:
+        """{prompt: its images}, in prompt order (a prompt given twice pools its rows)."""
+        found: dict[str, list[Path]] = {}
+        for (row, _), path in sorted(self.cells.items()):
+            found.setdefault(prompts[row], []).append(path)
+        return found
 
 
 def image_seed(seed: int, column: int) -> int:
@@ -89,9 +97,10 @@ def sample_images(pipeline, prompts: list[str], out_dir: Path, *, num_images_per
     settings = {"prompts": prompts, "seed": seed, "num_images_per_prompt": num_images_per_prompt,
                 "scheduler": type(pipeline.scheduler).__name__, **settings}
     paths = [cells[k] for k in sorted(cells)]
-    _write_json(out_dir / "samples.json", {**settings, "status": status,
+    write_json(out_dir / "samples.json", {**settings, "status": status,
                                            "images": [p.name for p in paths]})
-    return SampleResult(paths, grid, status, round(time.monotonic() - started, 2), settings)
+    return SampleResult(paths, grid, status, round(time.monotonic() - started, 2), settings,
+                        cells)
 
 
 def _render(pipeline, prompt: str, cols: list[int], seed: int, settings: dict):
@@ -112,5 +121,6 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-") or "prompt"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def write_json(path: Path, data: dict) -> None:
+    """A settings or scores file a person can read: indented, UTF-8, ending in a newline."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -141,15 +141,21 @@ class ToolContext:
     # Bytes the LLM server would free while a GPU tool runs (None: it will not, or nobody
     # knows); set by `booth chat` from booth.agent.gpu_share.
     server_gives_back: Callable[[], float | None] = lambda: None
+    # A folder with clip/ and dino/ that sample scores images with (None: look for them, see
+    # booth.dreambooth.evaluation.find_evaluators).
+    eval_models: str | None = None
 
     @classmethod
     def from_options(cls, workspace: str | None = None, base_model: str | None = None,
-                     console: Console | None = None) -> ToolContext:
+                     console: Console | None = None,
+                     eval_models: str | None = None) -> ToolContext:
         base_model = base_model or os.environ.get("BOOTH_BASE_MODEL") or DEFAULT_BASE_MODEL
+        eval_models = eval_models or os.environ.get("BOOTH_EVAL_MODELS")
         return cls(
             workspace=Workspace.from_option(workspace),
             base_model=absolute_if_local(base_model),
             console=console or Console(stderr=True),
+            eval_models=absolute_if_local(eval_models) if eval_models else None,
         )
 
     def interruptible(self, abort: type[BaseException] = KeyboardInterrupt,
