@@ -58,7 +58,12 @@ def runs(tmp_path_factory, tiny_model):
     config = dict(SETTINGS, base_model=tiny_model,
                   instance_images=make_images(root / "photos", 3, seed=1),
                   class_data_dir=str(Path(make_images(root / "dogs", 2, seed=2)[0]).parent))
-    watched = train(TrainConfig(**config, output_dir=str(root / "watched")))
+    from booth.dreambooth.evaluation import models_from
+    from booth.dreambooth.tiny import save_tiny_evaluators
+
+    evaluators = save_tiny_evaluators(root / "evaluators")
+    with models_from(str(evaluators)):  # as the train tool does with --eval-models
+        watched = train(TrainConfig(**config, output_dir=str(root / "watched")))
     train(TrainConfig(**{**config, "validation_steps": 0}, output_dir=str(root / "blind")))
     stopped = train(TrainConfig(**config, output_dir=str(root / "stopped")),
                     should_stop=stop_after(2))
@@ -111,6 +116,24 @@ def test_tensorboard_holds_the_validation_images(runs):
     assert sorted({image.step for image in shown}) == [4, 5]
     # TensorBoard shows a prompt's images side by side in one picture.
     assert {(image.width, image.height) for image in shown} == {(2 * 64, 64)}
+
+
+@pytest.mark.slow
+def test_validation_images_are_scored_beside_them_and_in_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = runs["root"] / "watched"
+    for step in ("step-4", "step-5"):
+        scores = json.loads((run_dir / "validation" / step / "scores.json").read_text())
+        assert all(-1 <= scores[k] <= 1 for k in ("dino", "clip_i", "clip_t"))
+        assert [row["prompt"] for row in scores["per_prompt"]] == PROMPTS
+    logs = next((run_dir / "logs").rglob("events.out.tfevents.*")).parent
+    events = EventAccumulator(str(logs), size_guidance={"scalars": 0})
+    events.Reload()
+    dino = [e.step for e in events.Scalars("validation/dino")]
+    assert dino == [4, 5]
+    # Without evaluator models the run is watched all the same, unscored.
+    assert not list((runs["root"] / "stopped" / "validation").glob("*/scores.json"))
 
 
 @pytest.mark.slow

@@ -32,7 +32,9 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ CLIP_HUB = "openai/clip-vit-base-patch32"
 DINO_HUB = "facebook/dino-vits16"
 EVAL_MODELS_ENV = "BOOTH_EVAL_MODELS"
 EVALUATORS_DIR = "evaluators"
+SCORES_FILE = "scores.json"  # beside the images scored (samples, validation steps)
 DIGITS = 4  # the paper reports three; a fourth tells close checkpoints apart
 BEST_DINO_MARGIN = 0.02
 NO_SUBJECT = "DINO and CLIP-I need the run's subject photos"
@@ -49,6 +52,21 @@ _MAX_CLASS_IMAGES = 32  # enough for a mean; a prior set of 200 would cost secon
 _HOW_TO_GET = (f"give --eval-models DIR (a folder with clip/ and dino/ saved by transformers) "
                f"or {EVAL_MODELS_ENV}, or download {CLIP_HUB} and {DINO_HUB} where there is a "
                "network (`hf download <id>`)")
+
+
+# The folder the user chose (--eval-models) for work that scores images on its own, such as a
+# training run's validation: set around it by the tool that knows (see `models_from`).
+_CHOSEN: ContextVar[str | None] = ContextVar("booth_eval_models", default=None)
+
+
+@contextmanager
+def models_from(folder: str | None) -> Iterator[None]:
+    """Inside, find_evaluators() without a folder looks in `folder` first."""
+    token = _CHOSEN.set(folder)
+    try:
+        yield
+    finally:
+        _CHOSEN.reset(token)
 
 
 class EvaluatorsUnavailable(Exception):
@@ -78,7 +96,7 @@ def dino_image_processor_class():
 def find_evaluators(folder: str | None = None, base_model: str | None = None) -> Sources:
     """Where the evaluator models are: `folder` (or BOOTH_EVAL_MODELS), else `evaluators/` in
     a local `base_model` folder, else the hub cache; EvaluatorsUnavailable otherwise."""
-    folder = folder or os.environ.get(EVAL_MODELS_ENV)
+    folder = folder or _CHOSEN.get() or os.environ.get(EVAL_MODELS_ENV)
     if folder:
         return _local_sources(Path(folder).expanduser())
     beside = Path(base_model).expanduser() / EVALUATORS_DIR if base_model else None

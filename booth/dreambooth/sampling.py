@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -122,5 +123,8 @@ def _slug(prompt: str) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """A settings or scores file a person can read: indented, UTF-8, ending in a newline."""
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """A settings or scores file a person can read: indented, UTF-8, ending in a newline;
+    written beside and renamed, so a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -119,6 +119,8 @@ def validate(t, config: TrainConfig, run_dir: Path, step: int, console=None) -> 
             grid = result.grid
             _log_images(accelerator, prompts, result.images, config.num_validation_images,
                         step)
+            with preserved_rng():
+                _score(accelerator, config, prompts, result.images, step)
             _say(console, f"validation images: {grid}")
     accelerator.wait_for_everyone()
     return grid
@@ -247,6 +249,33 @@ def evaluating(models):
     finally:
         for model, mode in zip(models, modes, strict=True):
             model.train(mode)
+
+
+def _score(accelerator, config: TrainConfig, prompts: list[str], images: list[Path],
+           step: int) -> None:
+    """The paper's scores of the validation images (booth.dreambooth.evaluation), beside them
+    as scores.json and in the trackers as validation/dino, clip_i, clip_t, when evaluator
+    models are at hand (BOOTH_EVAL_MODELS, evaluators/ in the base model, the hub cache)."""
+    from booth.dreambooth.evaluation import (
+        SCORES_FILE,
+        EvaluatorsUnavailable,
+        load_evaluators,
+        score_subject,
+        subject_of,
+    )
+    from booth.dreambooth.sampling import write_json
+
+    try:
+        evaluators = load_evaluators(None, config.base_model)
+    except EvaluatorsUnavailable:
+        return  # a run is watched without scores; sample says why when asked for them
+    per = config.num_validation_images
+    scores = score_subject(evaluators, {p: images[i * per:(i + 1) * per]
+                                        for i, p in enumerate(prompts)}, subject_of(config))
+    write_json(images[0].parent / SCORES_FILE, scores)
+    figures = {f"validation/{k}": v for k, v in scores.items() if k in ("dino", "clip_i", "clip_t")}
+    if figures and accelerator.trackers:
+        accelerator.log(figures, step=step)
 
 
 def _log_images(accelerator, prompts: list[str], images: list[Path], per_prompt: int,

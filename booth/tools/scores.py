@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from booth.dreambooth.evaluation import NO_SUBJECT, Subject, score_subject, subject_of
+from booth.dreambooth.evaluation import (
+    NO_SUBJECT,
+    SCORES_FILE,
+    Subject,
+    score_subject,
+    subject_of,
+)
 from booth.tools.context import ToolContext
-
-SCORES_FILE = "scores.json"
 
 
 @dataclass

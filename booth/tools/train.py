@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
 from booth.dreambooth.config import TrainConfig, load_config
+from booth.dreambooth.evaluation import models_from
 from booth.dreambooth.progress import expected_pace
 from booth.schema import setting
 from booth.tools import estimates
@@ -84,7 +85,7 @@ def train(
     arguments = {"dataset": dataset, "max_train_steps": max_train_steps,
                  "learning_rate": learning_rate, "run_name": name, "base_model": base,
                  **{k: v for k, v in given.items() if v is not None}, **settings}
-    with expected_pace(training=_step_pace(ctx, config)):
+    with expected_pace(training=_step_pace(ctx, config)), models_from(ctx.eval_models):
         result = trainer.train(config, console=ctx.console,
                                should_stop=ctx.stop_requested.is_set,
                                on_started=lambda folder: _save_args(folder, arguments))
@@ -122,7 +123,7 @@ def resume_checkpoint(
 
     run_dir = ctx.workspace.existing_run(run)
     config = load_config(run_dir / "run.yaml")
-    with expected_pace(training=_step_pace(ctx, config)):
+    with expected_pace(training=_step_pace(ctx, config)), models_from(ctx.eval_models):
         result = trainer.resume(run_dir, checkpoint, max_train_steps, console=ctx.console,
                                 should_stop=ctx.stop_requested.is_set)
     estimates.record_training(ctx.workspace.root, _setup(config), result)
