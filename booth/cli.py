@@ -13,9 +13,16 @@ from typing import Annotated
 
 import typer
 
-from booth.commands import chat, doctor, ls, replay, tools
+from booth.commands import chat, doctor, export, ls, replay, tools
 from booth.commands.help import FlagsGroup
-from booth.commands.options import GLOBALS, BaseModelOption, WorkspaceOption, add_commands, fail
+from booth.commands.options import (
+    GLOBALS,
+    BaseModelOption,
+    EvalModelsOption,
+    WorkspaceOption,
+    add_commands,
+    fail,
+)
 
 app = typer.Typer(
     name="booth",
@@ -41,6 +48,7 @@ def _print_version(value: bool) -> None:
 def main(
     workspace: WorkspaceOption = None,
     base_model: BaseModelOption = None,
+    eval_models: EvalModelsOption = None,
     version: Annotated[bool, typer.Option(
         "--version", callback=_print_version, is_eager=True,
         help="Print booth's version and exit.")] = False,
@@ -55,9 +63,10 @@ def main(
     # Reset on every invocation: the options given after the command name override these.
     GLOBALS.workspace = workspace
     GLOBALS.base_model = base_model
+    GLOBALS.eval_models = eval_models
 
 
-for _module in (chat, replay, ls, tools, doctor):
+for _module in (chat, replay, ls, export, tools, doctor):
     add_commands(app, _module.app)
 
 

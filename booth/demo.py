@@ -60,14 +60,20 @@ def draw_subject_photos(folder: Path, count: int = 5, size: int = 96) -> list[Pa
 
 
 def prepare_demo_folder(folder: Path) -> tuple[Path, Path]:
-    """Create the demo's tiny model and photos under `folder`; return (model, workspace)."""
-    from booth.dreambooth.tiny import save_tiny_model
+    """Create the demo's tiny model (with its evaluators) and photos under `folder`; return
+    (model, workspace)."""
+    from booth.dreambooth.evaluation import EVALUATORS_DIR
+    from booth.dreambooth.tiny import save_tiny_evaluators, save_tiny_model
 
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "tiny-model"
     if not (model / "model_index.json").is_file():
         shutil.rmtree(model, ignore_errors=True)
         save_tiny_model(model, seed=0)
+    # Tiny CLIP and DINO beside it (<1 MB): the demo's samples are scored as real ones are.
+    if not (model / EVALUATORS_DIR / "dino" / "config.json").is_file():
+        shutil.rmtree(model / EVALUATORS_DIR, ignore_errors=True)
+        save_tiny_evaluators(model / EVALUATORS_DIR, seed=0)
     photos = folder / PHOTOS
     shutil.rmtree(photos, ignore_errors=True)
     draw_subject_photos(photos)

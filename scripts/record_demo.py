@@ -68,8 +68,8 @@ SCRIPT = [
           "num_images_per_prompt": 4, "num_inference_steps": 12, "seed": 0},
          "SampleRx1"),
     turn("Done: Rex was learned as \"sks dog\" and the four astronaut pictures are in the "
-         "samples folder listed above. Ask for other scenes, or for an earlier checkpoint "
-         "if these look overfitted."),
+         "samples folder listed above, with their scores. Ask for other scenes, or to compare "
+         "the checkpoints if these look overfitted."),
 ]
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from booth.tools import get_tool
 from booth.tools.calibration import FILE, Setup, estimate, record
@@ -69,6 +72,26 @@ def test_a_training_run_makes_the_next_estimate_a_measurement(tool_context, monk
     assert 0 < entry["per_unit"] * 6 + entry["fixed"] <= result["seconds"] + 0.5
     line = tool.estimate(tool_context, {**args, "max_train_steps": 120, "run_name": "b"})
     assert line.startswith("120 steps at 64 px") and line.endswith("(measured)")
+    # The next run's bar shows a time left from that pace before its own first step.
+    screen = io.StringIO()
+    tool_context.console = Console(file=screen, force_terminal=True, width=200)
+    tool.call(tool_context, {**args, "run_name": "b"})
+    first = next(line for line in screen.getvalue().splitlines() if "0/6" in line)
+    assert re.search(r"~0:00:0\d", first), first
+
+
+def test_a_bar_shows_the_measured_pace_until_it_has_its_own():
+    from booth.dreambooth.progress import expected_pace, training_progress
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=200)
+    with expected_pace(training=2.5):
+        progress, task = training_progress(console, 40, 4)
+    with progress:
+        pass
+    assert "~0:01:30" in screen.getvalue()  # 36 steps left at 2.5 s
+    progress, task = training_progress(Console(file=io.StringIO()), 40, 4)
+    assert "~" not in str(progress.columns[-1].render(progress.tasks[task]))  # nothing measured
 
 
 def test_dry_run_validates_prints_the_cost_and_runs_nothing(workspace, tiny_model):

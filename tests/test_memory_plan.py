@@ -130,3 +130,65 @@ def test_the_last_rung_is_a_batch_of_one_image_without_priors_and_two_with():
     last = LADDER[-1][1]
     assert _rung(Knobs(examples=4, priors=False), last).examples == 1
     assert _rung(Knobs(examples=4, priors=True), last).examples == 2
+
+
+def _share(llm, provider: str, ctx):
+    """GpuShare as `booth chat --share-gpu always` wires it into the memory plan."""
+    from booth.agent.gpu_share import GpuShare
+    from booth.agent.settings import EndpointSettings
+
+    settings = EndpointSettings(base_url=llm.base_url, model=llm.model, provider=provider,
+                                max_retries=0, stream=False)
+    share = GpuShare(settings, "always", lambda text: None, lambda: True)
+    ctx.server_gives_back = lambda: share.gives_back(ctx.used_gpu_memory)
+    return share
+
+
+def _decide(ctx) -> tuple[str, str]:
+    tool, out = get_tool("train"), io.StringIO()
+    decision = AutoApprove(ui=ChatUI(Console(file=out, width=200))).decide(
+        tool, "x", tool.validate(CALL), ctx)
+    return decision.action, " ".join(out.getvalue().split())
+
+
+@pytest.mark.parametrize("loaded, action, shown", [
+    ([{"name": "MODEL", "size_vram": 20 * GB}], "run", "+ 20.0 GB the LLM server frees"),
+    ([{"name": "other-model", "size_vram": 20 * GB}], "refuse", "11.0 GB free:"),
+    ([{"name": "MODEL", "size_vram": "lots"}], "refuse", "11.0 GB free:"),
+    ("not a list", "refuse", "11.0 GB free:"),
+])
+def test_what_ollama_frees_counts_in_the_plan(on_an_11_gb_card, loaded, action, shown):
+    from fakellm import FakeLLM
+
+    with FakeLLM([]) as llm:
+        if isinstance(loaded, list):
+            loaded = [{**m, "name": llm.model if m["name"] == "MODEL" else m["name"]}
+                      for m in loaded]
+        llm.info["/api/ps"] = {"models": loaded}
+        _share(llm, "ollama", on_an_11_gb_card)
+        decided, said = _decide(on_an_11_gb_card)
+    assert decided == action and shown in said
+
+
+@pytest.mark.parametrize("info, action", [
+    ({"/is_sleeping": {"is_sleeping": False}}, "run"),  # 30 GB in use on the card: vLLM's
+    ({}, "refuse"),  # no sleep mode (404): nothing is freed, nothing counted
+])
+def test_what_a_sleeping_vllm_frees_counts_in_the_plan(on_an_11_gb_card, info, action):
+    from fakellm import FakeLLM
+
+    on_an_11_gb_card.used_gpu_memory = lambda: 30 * GB
+    with FakeLLM([], info=info) as llm:
+        _share(llm, "vllm", on_an_11_gb_card)
+        decided, said = _decide(on_an_11_gb_card)
+    assert decided == action
+    assert ("+ 30.0 GB the LLM server frees" in said) == (action == "run")
+
+
+def test_a_server_that_does_not_answer_leaves_the_plan_as_it_was(on_an_11_gb_card):
+    from fakellm import FakeLLM
+
+    with FakeLLM([]) as llm:
+        _share(llm, "ollama", on_an_11_gb_card)
+    # The server is gone: the question fails at once and counts nothing.
+    assert _decide(on_an_11_gb_card)[0] == "refuse"

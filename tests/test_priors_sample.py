@@ -175,8 +175,11 @@ def test_sample_writes_pngs_and_grid_reproducibly(ctx):
     assert Path(first["folder"]).name.startswith("base-")
     pixels = [_pixels(p) for p in first["images"]]
     with Image.open(first["grid"]) as grid:
-        assert grid.size == (2 * 64, 2 * 64)  # columns = images per prompt, rows = prompts
-        top_right = np.asarray(grid.convert("RGB"), dtype=np.int16)[:64, 64:]
+        # columns = images per prompt, rows = prompts; labels at the left, the model on top
+        label, title = grid.width - 2 * 64, grid.height - 2 * 64
+        assert label > 0 and title > 0
+        top_right = np.asarray(grid.convert("RGB"), dtype=np.int16)[title:title + 64,
+                                                                     label + 64:]
     assert np.array_equal(top_right, pixels[1])
     again = _sample(ctx, seed=3)
     assert again["folder"] != first["folder"]

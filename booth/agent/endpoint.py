@@ -9,18 +9,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from booth.agent import reply, servers, text_calls, wire
+from booth.agent.endpoint_errors import Retry, classify, server_message, short
 from booth.agent.masking import Masker
 from booth.agent.model import AssistantTurn, EndpointError
-from booth.agent.settings import LOCAL_KEY, PRESETS, EndpointSettings, safe_url
-
-
-class _Retry(Exception):
-    """A failure worth another try. `message` is what the user reads if tries run out,
-    `short` what the retry notice says ("server busy (429)")."""
-
-    def __init__(self, message: str, short: str, wait: float | None = None):
-        super().__init__(message)
-        self.short, self.wait = short, wait
+from booth.agent.settings import EndpointSettings, safe_url
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
@@ -122,10 +114,10 @@ class OpenAIChatModel:
                 if self.streaming and _broke_tool_streaming(err):
                     self._stop_streaming(err, waiting)  # the same request again, not streamed
                     continue
-                failure = _classify(err, settings)
+                failure = classify(err, settings)
                 if failure is None:
                     raise  # not an endpoint failure: a bug, keep its traceback
-                if not isinstance(failure, _Retry):
+                if not isinstance(failure, Retry):
                     raise EndpointError(self._mask(str(failure))) from None
                 if time.monotonic() >= deadline - 0.05:
                     raise EndpointError(self._mask(self._gave_up(attempt))) from None
@@ -144,9 +136,9 @@ class OpenAIChatModel:
         """vllm#20028: the server's streamed tool calls broke, its whole answers work. The
         broken stream's calls are dropped; the user reads why with the turn."""
         self.streaming = False
-        why = err.args[0] if isinstance(err, _ToolStreamBroke) else _server_message(err)
+        why = err.args[0] if isinstance(err, _ToolStreamBroke) else server_message(err)
         self._notices.append(self._mask(servers.STREAM_FALLBACK_NOTICE.format(
-            why=_short(str(why), 200))))
+            why=short(str(why), 200))))
         waiting.what = f"waiting for the whole answer (not streaming) at {self._url}"
 
     def _annotated(self, turn: AssistantTurn, form: str | None) -> AssistantTurn:
@@ -300,7 +292,7 @@ def _broke_tool_streaming(err: Exception) -> bool:
     if isinstance(err, _ToolStreamBroke):
         return True
     return (isinstance(err, openai.APIStatusError) and err.status_code >= 500
-            and servers.names_parser_error(_server_message(err)))
+            and servers.names_parser_error(server_message(err)))
 
 
 def _tries(count: int) -> str:
@@ -311,120 +303,3 @@ def _backoff(server_wait: float | None, attempt: int, base: float) -> float:
     if server_wait is not None:
         return min(server_wait, 60.0)
     return min(base * 2**attempt, 30.0) * random.uniform(0.8, 1.2)
-
-
-def _classify(err: Exception, settings: EndpointSettings) -> Exception | None:
-    """The user-facing failure for an SDK/transport error or a broken reply: `_Retry`,
-    `EndpointError`, or None when `err` is no endpoint failure at all (a bug)."""
-    import openai
-
-    timeouts, transport, _ = _http_errors()
-    url, model = safe_url(settings.base_url), settings.model
-    if isinstance(err, reply.BrokenReply):
-        return _Retry(f"{url} sent a broken answer: it {err}", "broken answer")
-    if _is_connect_failure(err):  # before timeouts: a connect timeout is one of them
-        hint = PRESETS.get(settings.provider, PRESETS["vllm"]).start_hint
-        return EndpointError(
-            f"Could not reach the model endpoint at {url} ({_root_cause(err)}). Start the "
-            f"server ({hint}), or point booth at another endpoint with --base-url or "
-            f"--provider ({', '.join(PRESETS)})."
-        )
-    if isinstance(err, (openai.APITimeoutError, *timeouts)):
-        return _Retry(
-            f"{url} did not answer within {settings.timeout:g} s (the model may still be "
-            "loading or be overloaded; --timeout waits longer)", "no answer in time"
-        )
-    if isinstance(err, (openai.APIConnectionError, *transport)):
-        return _Retry(f"The connection to {url} broke ({_root_cause(err)})", "connection broke")
-    if isinstance(err, openai.APIStatusError):
-        return _status_failure(err, url, model, settings.api_key == LOCAL_KEY)
-    if isinstance(err, openai.OpenAIError):  # anything else the SDK makes of a reply
-        return EndpointError(f"{url} could not be used: {_short(str(err))}")
-    return None
-
-
-def _status_failure(err, url: str, model: str, no_key: bool) -> Exception:
-    status, message = err.status_code, _server_message(err)
-    if status in (401, 403):
-        sent = "booth sent no key" if no_key else "the key was refused"
-        return EndpointError(
-            f"{url} answered HTTP {status} ({message}): {sent}. Set BOOTH_API_KEY "
-            "(or MISTRAL_API_KEY for Mistral's API), or pass --api-key."
-        )
-    if status == 404:
-        return EndpointError(
-            f"{url} answered HTTP 404 for model {model!r} ({message}). GET {url}/models lists "
-            "the models it serves: choose one with --model or BOOTH_MODEL (and check that "
-            "--base-url ends in /v1)."
-        )
-    if status in (408, 429) or status >= 500:
-        what = "is rate limiting requests" if status == 429 else "failed"
-        short = f"server busy ({status})" if status == 429 else f"server error ({status})"
-        return _Retry(f"{url} {what} (HTTP {status}: {message})", short, _retry_after(err))
-    return EndpointError(f"{url} rejected the request (HTTP {status}): {message}")
-
-
-def _server_message(err) -> str:
-    """The server's own words: OpenAI, vLLM and Mistral each nest them a little differently."""
-    body = getattr(err, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            body = inner.get("message") or inner.get("detail") or inner
-        else:
-            body = inner
-    return _short(body if isinstance(body, str) else reply.as_text(body) if body else str(err))
-
-
-def _short(text: str, limit: int = 500) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _retry_after(err) -> float | None:
-    """Seconds the server asked us to wait (retry-after-ms or retry-after), if it did."""
-    headers = getattr(getattr(err, "response", None), "headers", None) or {}
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        try:
-            return max(0.0, float(headers[name]) * scale)
-        except (KeyError, TypeError, ValueError):  # absent, or an HTTP date: use our backoff
-            continue
-    return None
-
-
-def _http_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
-    """(timeout, transport, connect-failure) error classes of the HTTP library under the SDK.
-
-    Errors raised while iterating a stream are not wrapped by the SDK. openai 1.x/2.x sit on
-    httpx, 3.x on its fork httpx2: accept whichever is installed.
-    """
-    import importlib
-
-    modules = []
-    for name in ("httpx2", "httpx"):
-        try:
-            modules.append(importlib.import_module(name))
-        except ImportError:
-            continue
-    return (
-        tuple(m.TimeoutException for m in modules),
-        tuple(m.TransportError for m in modules),
-        tuple(c for m in modules for c in (m.ConnectError, m.ConnectTimeout)),
-    )
-
-
-def _root_cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err) or type(err).__name__
-
-
-def _is_connect_failure(err: BaseException) -> bool:
-    """Nothing listening / no such host: retrying will not help, starting a server will."""
-    connect = _http_errors()[2]
-    while err is not None:
-        if isinstance(err, (*connect, ConnectionRefusedError)):
-            return True
-        err = err.__cause__
-    return False
-

@@ -83,6 +83,23 @@ class GpuShare:
             self.notice(f"the LLM server is back ({time.monotonic() - started:.1f} s)")
             return
 
+    def gives_back(self, used_by_others: Callable[[], float | None]) -> float | None:
+        """Bytes the server would free around a GPU tool, for the memory plan; None when it
+        will not be released or will not say. Ollama reports its model's `size_vram`; vLLM
+        asleep at level 1 keeps almost nothing on the card, so all the card holds beyond
+        booth's own use is counted (`used_by_others()`: an upper bound if others share it)."""
+        if self.released or self._said_cannot or not self._applies():
+            return None  # already asleep: the card's free memory counts it already
+        try:
+            if self.settings.provider == "ollama":
+                return _ollama_vram(self._get("/api/ps"), self.settings.model)
+            if self.settings.provider == "vllm" and not self._get("/is_sleeping").get(
+                    "is_sleeping", True):
+                return used_by_others()
+        except (OSError, ValueError):  # HTTPError too: no sleep mode, no figure
+            return None
+        return None
+
     # -- what applies ---------------------------------------------------------------------
     def _applies(self) -> bool:
         if self.mode == "never":
@@ -165,6 +182,19 @@ class GpuShare:
         except ValueError:
             answer = {}
         return answer if isinstance(answer, dict) else {}
+
+
+def _ollama_vram(status: dict, model: str) -> float | None:
+    """`size_vram` of `model` in Ollama's /api/ps answer (0 when it is not loaded)."""
+    models = status.get("models")
+    if not isinstance(models, list):
+        return None
+    for entry in models:
+        if isinstance(entry, dict) and model in (entry.get("name"), entry.get("model")):
+            size = entry.get("size_vram")
+            ok = isinstance(size, int | float) and not isinstance(size, bool) and size >= 0
+            return float(size) if ok else None
+    return 0.0
 
 
 def _is_this_machine(host: str | None) -> bool:

@@ -162,7 +162,10 @@ def _gpu_share(settings, mode: str, session):
 
         return device_kind() == "cuda"
 
-    return GpuShare(settings, mode, session.notice, on_cuda)
+    share = GpuShare(settings, mode, session.notice, on_cuda)
+    # The memory plan counts what the server frees while the tool runs.
+    session.ctx.server_gives_back = lambda: share.gives_back(session.ctx.used_gpu_memory)
+    return share
 
 
 def _keep_or_drop(session, resumed: bool, ui) -> None:

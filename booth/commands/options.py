@@ -25,6 +25,7 @@ class GlobalOptions:
 
     workspace: str | None = None
     base_model: str | None = None
+    eval_models: str | None = None
 
 
 GLOBALS = GlobalOptions()
@@ -40,6 +41,10 @@ def _option(name: str, *, envvar: bool):
         "base_model": (("--base-model",),
                        "Base Stable Diffusion 1.x: a local diffusers folder or a hub id.",
                        "BOOTH_BASE_MODEL", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        "eval_models": (("--eval-models",),
+                        "Folder with clip/ and dino/ models that sample scores images with.",
+                        "BOOTH_EVAL_MODELS", "evaluators/ in the base model folder, or the "
+                        "hub cache"),
     }[name]
     if envvar:
         return typer.Option(*decls, envvar=env, help=help_text, show_default=default)
@@ -49,6 +54,7 @@ def _option(name: str, *, envvar: bool):
 
 WorkspaceOption = Annotated[str | None, _option("workspace", envvar=True)]
 BaseModelOption = Annotated[str | None, _option("base_model", envvar=True)]
+EvalModelsOption = Annotated[str | None, _option("eval_models", envvar=True)]
 _AFTER_COMMAND = {field.name: Annotated[str | None, _option(field.name, envvar=False)]
                   for field in fields(GlobalOptions)}
 
@@ -93,10 +99,12 @@ def add_commands(app: typer.Typer, group: typer.Typer) -> None:
 
 
 def tool_context():
-    """The ToolContext for this invocation (workspace and base model from the global options)."""
+    """The ToolContext for this invocation (workspace, base model and evaluator models from the
+    global options)."""
     from booth.tools import ToolContext
 
-    return ToolContext.from_options(workspace=GLOBALS.workspace, base_model=GLOBALS.base_model)
+    return ToolContext.from_options(workspace=GLOBALS.workspace, base_model=GLOBALS.base_model,
+                                    eval_models=GLOBALS.eval_models)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -49,7 +49,8 @@ def run_replay(path: Path, *, execute: bool, yes: bool) -> int:
         places = choose_places(read_transcript(path)[0], GLOBALS.workspace, GLOBALS.base_model)
         for line in places.lines:
             ui.info(line)
-        ctx = ToolContext.from_options(workspace=places.workspace, base_model=places.base_model)
+        ctx = ToolContext.from_options(workspace=places.workspace, base_model=places.base_model,
+                                       eval_models=GLOBALS.eval_models)
         policy = shared.choose_policy(ui, yes=yes, interactive=shared.stdin_is_tty())
         writer = _replay_writer(ctx, path)
     except (TranscriptError, ReplaySetupError, OSError) as error:

@@ -18,13 +18,19 @@ app = typer.Typer()
 def tiny_model(
     folder: Annotated[Path, typer.Argument(help="Where to write the pipeline folder.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    with_evaluators: Annotated[bool, typer.Option(
+        "--with-evaluators", help="Also write tiny random CLIP and DINO models in "
+        "DIR/evaluators, which sample scores its images with.")] = False,
 ) -> None:
     """Write a tiny random Stable Diffusion 1.x (diffusers format, ~9 MB) for offline trials."""
-    from booth.dreambooth.tiny import save_tiny_model
+    from booth.dreambooth.evaluation import EVALUATORS_DIR
+    from booth.dreambooth.tiny import save_tiny_evaluators, save_tiny_model
 
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise fail(f"{folder} exists and is not an empty folder; choose a new folder")
     path = save_tiny_model(folder, seed=seed)
+    if with_evaluators:
+        save_tiny_evaluators(path / EVALUATORS_DIR, seed=seed)
     typer.echo(str(path.resolve()))
 
 
@@ -98,7 +104,8 @@ def call_tool(
         list[str] | None,
         typer.Argument(
             help="A JSON object ('{\"dataset\": \"rex\"}'), or key=value pairs "
-            "(values read as JSON when they parse, else as text).",
+            "(values read as JSON when they parse, else as text); a first @FILE reads them "
+            "from a YAML/JSON file (e.g. @runs/rex-1/args.yaml), and pairs after it override.",
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option(

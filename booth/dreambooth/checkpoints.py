@@ -3,6 +3,7 @@
     <run>/checkpoints/checkpoint-<step>/     accelerate's save_state (optimizer, LR scheduler,
         unet.safetensors                     RNG states, the noise generator) + the trained
         text_encoder.safetensors             weights only (all of them, or just the LoRA ones)
+        pytorch_lora_weights.safetensors     LoRA runs: the same adapters for load_lora_weights
         training_state.json                  step/epoch/position: save_state does not keep them
 
 A checkpoint is written to `.tmp-checkpoint-<step>` and renamed when complete, so a kill in the
@@ -22,6 +23,7 @@ from booth.dreambooth.errors import CheckpointError
 from booth.schema import pattern
 
 CHECKPOINTS = "checkpoints"
+EXPORT_DIR = "export"  # files for other tools (export.py); swept here with the rest
 STATE_FILE = "training_state.json"
 TMP_PREFIX = ".tmp-"
 # The one spelling of checkpoint names: folders are `checkpoint-<step>`; a user or the model
@@ -71,9 +73,9 @@ def read_training_state(checkpoint: Path) -> dict:
 
 
 def sweep_temporary(run_dir: str | Path) -> None:
-    """Remove what a killed run left half-written or half-deleted: `.tmp-*` checkpoints, and
-    `.tmp-*` exports and metric files at the run's top level."""
-    for folder in (Path(run_dir) / CHECKPOINTS, Path(run_dir)):
+    """Remove what a killed run left half-written or half-deleted: `.tmp-*` checkpoints,
+    `.tmp-*` exports and metric files at the run's top level, and half-written export/ files."""
+    for folder in (Path(run_dir) / CHECKPOINTS, Path(run_dir), Path(run_dir) / EXPORT_DIR):
         if folder.is_dir():
             for path in folder.glob(f"{TMP_PREFIX}*"):
                 if path.is_dir():
@@ -250,7 +252,8 @@ def register_weight_hooks(accelerator, names: dict[int, str]) -> None:
     """Make save_state/load_state store only the trained parameters, one file per model.
 
     `names` maps id(unwrapped model) -> file stem ("unet", "text_encoder"). A LoRA checkpoint
-    is then a few MB instead of a full UNet, and `load_run_pipeline` can read it by name.
+    is then a few MB instead of a full UNet, and `load_run_pipeline` can read it by name; it
+    also holds the adapters in diffusers' names, so `load_lora_weights(checkpoint)` works.
     """
 
     def _name(model) -> str:
@@ -259,10 +262,22 @@ def register_weight_hooks(accelerator, names: dict[int, str]) -> None:
     def save_hook(models, weights, output_dir):
         from safetensors.torch import save_file
 
+        from booth.dreambooth.lora_formats import (  # it imports this module
+            LORA_FILE,
+            is_lora_state,
+            lora_modules,
+            to_diffusers,
+        )
+
         if accelerator.is_main_process:
+            lora = {}
             for model in models:
                 state = trainable_state_dict(accelerator.unwrap_model(model))
                 save_file(state, str(Path(output_dir) / f"{_name(model)}.safetensors"))
+                if is_lora_state(state):
+                    lora.update(lora_modules(state, _name(model)))
+            if lora:  # PEFT's names above are for resuming; this file is for load_lora_weights
+                save_file(to_diffusers(lora), str(Path(output_dir) / LORA_FILE))
         weights.clear()  # saved here; accelerate must not write them a second time
 
     def load_hook(models, input_dir):

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from booth.dreambooth.errors import ConfigError
-from booth.schema import NOT_BLANK, PATH, Param, errors, settings_schema
+from booth.schema import NOT_BLANK, PATH, Param, errors, pattern, settings_schema
 
 __all__ = ["ConfigError", "SUMMARY_FIELDS", "TrainConfig", "load_config"]
 
@@ -29,6 +29,7 @@ Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine",
                     "cosine_with_restarts", "polynomial"]
 STEPS = {"minimum": 1, "maximum": 1_000_000}
 SEED = {"minimum": 0, "maximum": 2**32 - 1}
+PROMPT_LINE = pattern(r"^[^\n\r]*\S[^\n\r]*$", "one line of text (not blank)")
 
 
 @dataclass
@@ -54,6 +55,11 @@ class TrainConfig:
     # Images are resized on their short side and centre-cropped.
     resolution: Annotated[int, Param("Square training resolution in pixels, a multiple of 8",
                                      minimum=64, multiple_of=8)] = 512
+    # False: each epoch a random crop, placed by (seed, epoch, index). Only images that are not
+    # square have anything to crop (prepare_dataset's are square); those are re-encoded
+    # through the VAE every epoch, which stays in memory.
+    center_crop: Annotated[bool, Param("Centre crop; false: a random crop each epoch (of "
+                                       "images that are not square)")] = True
     # Off by default: a subject's asymmetric marks (a parting, a logo) would be learned both
     # ways. The choice is seeded by (seed, epoch, index).
     random_flip: Annotated[bool, Param("Mirror images at random (avoid for asymmetric "
@@ -77,6 +83,12 @@ class TrainConfig:
     lr_scheduler: Annotated[Scheduler, Param("Learning-rate schedule")] = "constant"
     lr_warmup_steps: Annotated[int, Param("Warm-up steps of the schedule", minimum=0,
                                           maximum=1_000_000)] = 0
+    # cosine_with_restarts: how many times the cosine starts over; polynomial: the power of
+    # its decay (1 is linear).
+    lr_num_cycles: Annotated[int, Param("Restarts of cosine_with_restarts", minimum=1,
+                                        maximum=1000)] = 1
+    lr_power: Annotated[float, Param("Power of the polynomial schedule's decay", minimum=0,
+                                     maximum=100)] = 1.0
     adam_beta1: Annotated[float, Param("AdamW beta1", minimum=0, exclusive_maximum=1)] = 0.9
     adam_beta2: Annotated[float, Param("AdamW beta2", minimum=0, exclusive_maximum=1)] = 0.999
     adam_weight_decay: Annotated[float, Param("AdamW weight decay", minimum=0,
@@ -86,6 +98,16 @@ class TrainConfig:
     # Clipping keeps one bad batch from wrecking a few-image fine-tune.
     max_grad_norm: Annotated[float, Param("Clip gradients to this norm; 0 turns clipping off",
                                           minimum=0, maximum=1000)] = 1.0
+    # Min-SNR weighting (Hang et al. 2023): each example's loss is scaled by
+    # min(SNR, gamma)/SNR (epsilon) or min(SNR, gamma)/(SNR + 1) (v-prediction), so the many
+    # nearly noise-free timesteps stop dominating. 5 is the paper's value.
+    snr_gamma: Annotated[float | None, Param("Min-SNR loss weighting gamma (5 is usual); "
+                                             "0 or unset: off", minimum=0,
+                                             maximum=1000)] = None
+    # Offset noise: a per-channel constant added to the noise lets the model learn overall
+    # brightness (very dark or bright images); 0.05-0.1 is usual.
+    noise_offset: Annotated[float, Param("Offset noise strength; 0: off", minimum=0,
+                                         maximum=1)] = 0.0
     # Data order, flips, noise, timesteps and LoRA init all follow it.
     seed: Annotated[int, Param("Seed of data order, noise and timesteps", **SEED)] = 0
 
@@ -112,6 +134,28 @@ class TrainConfig:
                                                          minimum=1, maximum=1000)] = None
     report_to: Annotated[Literal["tensorboard", "wandb", "none"],
                          Param("Experiment tracker for the metrics")] = "tensorboard"
+    # export/<name>.safetensors (full) or <name>-lora.safetensors (LoRA), for A1111/ComfyUI.
+    export_dtype: Annotated[Literal["fp16", "fp32", "bf16"],
+                            Param("Precision of the single file or kohya LoRA written at the "
+                                  "end")] = "fp16"
+    # Watching it learn (booth.dreambooth.validation): images rendered with the model being
+    # trained, at fixed seeds, so those of successive steps differ only by what training
+    # changed. None: the instance prompt, and its subject on a beach (does the identifier
+    # carry the subject beyond the photos?).
+    validation_prompts: Annotated[list[str] | None, Param(
+        "Prompts rendered while training (default: the instance prompt and its subject "
+        "on the beach)", min_items=1, max_items=8, min_length=1, max_length=300,
+        pattern=PROMPT_LINE)] = None
+    # Rendered at checkpoints (and the end), so None: at every checkpoint; 0: never.
+    validation_steps: Annotated[int | None, Param(
+        "Render validation images every N steps, a multiple of checkpointing_steps "
+        "(default: at every checkpoint); 0 turns them off", minimum=0,
+        maximum=1_000_000)] = None
+    num_validation_images: Annotated[int, Param("Validation images per prompt", minimum=1,
+                                                maximum=8)] = 2
+    # Few steps of a fast deterministic sampler: enough to see the subject, cheap to repeat.
+    validation_inference_steps: Annotated[int, Param("Denoising steps of validation images",
+                                                     minimum=1, maximum=200)] = 10
 
     # --- speed (not tool settings: for code calling the trainer; run.yaml keeps them) ----
     # Steps between reads of the losses from the device (and NaN checks); None: 1 on the CPU,
@@ -143,6 +187,11 @@ class TrainConfig:
                 "prior preservation (prior_loss_weight > 0) needs class_data_dir and class_prompt; "
                 "generate class images first, or set prior_loss_weight to 0"
             )
+        steps = self.validation_steps
+        if steps and steps % self.checkpointing_steps:
+            raise ConfigError(
+                f"validation images are rendered at checkpoints: validation_steps ({steps}) "
+                f"must be a multiple of checkpointing_steps ({self.checkpointing_steps})")
         return self
 
     def settings(self) -> dict[str, Any]:

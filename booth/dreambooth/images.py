@@ -22,6 +22,10 @@ Decisions (documented here because the tool's result depends on them):
   path order) are rejected, naming that file. A near-duplicate (a resized or re-encoded copy:
   same difference hash within a few bits and the same colours) is kept with a warning naming
   the earlier file: it weakens the dataset a little, but may be on purpose.
+- Captions (kohya's convention): `rex.txt` beside `rex.jpg` is that photo's caption, copied
+  beside its prepared image (`images/0001.txt`); one over MAX_CAPTION_BYTES, not UTF-8, empty
+  or holding control characters is rejected (code `bad_caption`) and the photo is kept,
+  trained with the instance prompt. A caption of a rejected photo is `caption_unused`.
 - Known gap: a JPEG with damaged bytes in the middle often still decodes (libjpeg only warns),
   so it cannot be told from a good one; truncated JPEGs and damaged PNGs are caught.
 """
@@ -43,6 +47,7 @@ from PIL import Image, ImageOps
 from booth.dreambooth.errors import DatasetError
 from booth.dreambooth.image_decode import IMAGE_SUFFIXES, MAX_PIXELS, decode_photo
 from booth.dreambooth.image_decode import Reject as _Reject
+from booth.dreambooth.train_data import CAPTION_SUFFIX, CaptionError, read_caption
 
 MAX_FILE_BYTES = 256 * 2**20     # above this it is a video or an archive, not a photo
 MIN_SIDE_FRACTION = 0.5          # shorter side below resolution * this -> rejected
@@ -69,6 +74,7 @@ class KeptImage:
     source_sha256: str   # of the original file
     original_size: list[int]  # width, height after EXIF orientation
     warnings: list[str] = field(default_factory=list)
+    caption: str | None = None  # from `<photo>.txt` beside it, copied to images/NNNN.txt
 
 
 @dataclass
@@ -99,6 +105,8 @@ def prepare_images(source_dir, out_dir, resolution: int, *, max_pixels: int = MA
         raise DatasetError(f"output folder {out} is inside the source folder {source}")
     report = PrepareReport()
     files = list(_scan(source, source, skip, {source}, report))
+    captions = _caption_files(files)
+    files = [path for path in files if path not in captions.values()]
     (out / "images").mkdir(parents=True, exist_ok=True)
     if any((out / "images").iterdir()):  # numbering would collide with what is there
         raise DatasetError(f"{out / 'images'} is not empty")
@@ -109,10 +117,17 @@ def prepare_images(source_dir, out_dir, resolution: int, *, max_pixels: int = MA
             try:
                 kept = _prepare_one(path, rel, out, resolution, max_pixels, seen,
                                     len(report.kept) + 1)
+                if path in captions:
+                    _copy_caption(path, captions[path].relative_to(source).as_posix(), out,
+                                  kept, report)
                 report.kept.append(kept)
                 report.warnings += [f"{rel}: {w}" for w in kept.warnings]
             except _Reject as reject:
                 report.rejected.append(Rejection(rel, reject.code, reject.reason))
+                if path in captions:
+                    report.rejected.append(Rejection(
+                        captions[path].relative_to(source).as_posix(), "caption_unused",
+                        f"caption of {rel}, which was rejected"))
             except Exception as error:  # never let one file stop the others
                 report.rejected.append(Rejection(
                     rel, "error", f"unexpected error while reading it: {type(error).__name__}: "
@@ -120,6 +135,30 @@ def prepare_images(source_dir, out_dir, resolution: int, *, max_pixels: int = MA
             advance()
     report.rejected.sort(key=lambda r: r.file)
     return report
+
+
+def _caption_files(files: list[Path]) -> dict[Path, Path]:
+    """{photo: its caption}: a `.txt` file is a caption when a file of the same name but
+    another suffix lies beside it (kohya's `<image>.txt`); any other `.txt` is judged as a
+    photo (and rejected as not one)."""
+    texts = {path.with_suffix(""): path for path in files if path.suffix == CAPTION_SUFFIX}
+    return {path: texts[path.with_suffix("")] for path in files
+            if path.suffix != CAPTION_SUFFIX and path.with_suffix("") in texts}
+
+
+def _copy_caption(photo: Path, rel: str, out: Path, kept: KeptImage,
+                  report: PrepareReport) -> None:
+    """Copy a photo's caption beside its prepared image, or reject the caption (the photo is
+    then trained with the instance prompt, which its warning says)."""
+    try:
+        kept.caption = read_caption(photo)
+    except CaptionError as error:
+        report.rejected.append(Rejection(rel, "bad_caption", str(error)))
+        kept.warnings.append(f"its caption {rel} was rejected ({error}): trained with the "
+                             "instance prompt instead")
+        return
+    (out / kept.file).with_suffix(CAPTION_SUFFIX).write_text(kept.caption + "\n",
+                                                             encoding="utf-8")
 
 
 def _scan(root: Path, folder: Path, skip: set[Path], seen: set[Path], report: PrepareReport):

@@ -134,10 +134,17 @@ def load_pipeline(base_model: str, device=None, dtype=None, half_on_cuda: bool =
     return pipeline.to(device or default_device())
 
 
-def load_inference_pipeline(base_model: str):
-    """The pipeline for generating images: fp16 on CUDA (half the memory, faster), fp32
-    elsewhere (CPU fp16 is slow or unsupported)."""
-    return load_pipeline(base_model, half_on_cuda=True)
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def load_inference_pipeline(base_model: str, precision: str | None = None):
+    """The pipeline for generating images: by default fp16 on CUDA (half the memory, faster),
+    fp32 elsewhere (CPU fp16 is slow or unsupported); `precision` ("fp32", "fp16", "bf16")
+    chooses."""
+    import torch
+
+    dtype = getattr(torch, PRECISIONS[precision]) if precision else None
+    return load_pipeline(base_model, dtype=dtype, half_on_cuda=True)
 
 
 def default_device():

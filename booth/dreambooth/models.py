@@ -32,6 +32,8 @@ from booth.dreambooth.loading import (
     quiet_progress,
     resolve_base_model,
 )
+from booth.dreambooth.plots import write_loss_plot
+from booth.dreambooth.validation import LOSS_PLOT, discard_validation_after
 
 FINAL_DIR = "final"
 LORA_DIR = "lora"
@@ -84,32 +86,20 @@ def lora_config(rank: int, targets: list[str]):
                       target_modules=targets)
 
 
-def text_encoder_lora_problem() -> str | None:
-    """Why a text-encoder LoRA cannot be trained and loaded here, or None if it can.
-
-    transformers' adapter API (which `load_lora_weights` uses for the text encoder) demands a
-    newer peft than the UNet side does; an adapter nobody can load is worth nothing.
-    """
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
-    try:
-        from transformers.integrations.peft import MIN_PEFT_VERSION
-    except ImportError:  # moved or gone: assume the installed versions agree
-        return None
-    if Version(version("peft")) < Version(MIN_PEFT_VERSION):
-        return f"text-encoder LoRA needs peft>={MIN_PEFT_VERSION} (installed {version('peft')})"
-    return None
-
-
 def add_lora(unet, text_encoder, rank: int) -> None:
-    """Freeze the base weights and add trainable low-rank adapters (text encoder optional)."""
+    """Freeze the base weights and add trainable low-rank adapters (text encoder optional).
+
+    The text encoder's go in with peft's own `inject_adapter_in_model`, not transformers'
+    `add_adapter`: transformers 5 refuses peft < 0.22 there, while the injection (the one
+    diffusers' `load_lora_weights` uses to load them back) works with the peft booth declares.
+    """
+    from peft import inject_adapter_in_model
+
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(rank, UNET_LORA_TARGETS))
     if text_encoder is not None:
         text_encoder.requires_grad_(False)
-        text_encoder.add_adapter(lora_config(rank, TEXT_LORA_TARGETS))
+        inject_adapter_in_model(lora_config(rank, TEXT_LORA_TARGETS), text_encoder)
 
 
 def export_pipeline(base_model: str, unet, text_encoder, dest: Path) -> Path:
@@ -169,12 +159,20 @@ def final_model_path(run_dir: Path) -> Path | None:
 
 
 def discard_outputs_after(run_dir: Path, step: int) -> None:
-    """Resuming from `step` writes anew what came after it: later checkpoints, metric lines
-    and the final model go."""
+    """Resuming from `step` writes anew what came after it: later checkpoints, metric lines,
+    the final model and its exports, validation images go (loss.png is drawn again without
+    them)."""
+    from booth.dreambooth.export import final_exports  # it imports this module
+
     discard_after(run_dir, step)
     for name in (FINAL_DIR, LORA_DIR):
         remove_dir(run_dir / name)
+    for file in final_exports(run_dir):
+        file.unlink(missing_ok=True)
     truncate_metrics(run_dir / "metrics.jsonl", step)
+    discard_validation_after(run_dir, step)
+    if (run_dir / LOSS_PLOT).is_file():  # a resume from step 0 has nothing to draw
+        write_loss_plot(run_dir / "metrics.jsonl", run_dir / LOSS_PLOT)
 
 
 def load_run_pipeline(run_dir: str | Path, checkpoint: str | None = None, device=None):

@@ -47,6 +47,9 @@ class PriorKey:
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int = 0
     resolution: int = 512
+    # "fp32", "fp16" or "bf16"; None: the device's usual one (fp16 on CUDA, else fp32), which
+    # is left out of the identity so the sets made before this field keep their key.
+    precision: str | None = None
     # Where the model is loaded from. Not part of the key: the same model at another path
     # (a moved folder, a replayed session elsewhere) draws the same pixels.
     source: str = field(default="", compare=False)
@@ -61,9 +64,7 @@ class PriorKey:
 
     def identity(self) -> dict:
         """The fields that decide the pixels (what priors.json compares)."""
-        data = asdict(self)
-        data.pop("source")
-        return data
+        return _identity(asdict(self))
 
     def digest(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True)
@@ -186,7 +187,10 @@ def _claim(folder: Path, key: PriorKey) -> None:
 
 
 def _identity(recorded_key: dict | None) -> dict | None:
-    return {k: v for k, v in recorded_key.items() if k != "source"} if recorded_key else None
+    if not recorded_key:
+        return None
+    return {k: v for k, v in recorded_key.items()
+            if k != "source" and not (k == "precision" and v is None)}
 
 
 def _write_metadata(folder: Path, key: PriorKey) -> None:

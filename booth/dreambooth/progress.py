@@ -5,6 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+
+# Seconds per unit this machine measured for the work about to run ("training": per step,
+# "images": per image), set by the tool that knows (see `expected_pace`).
+_PACE: ContextVar[dict[str, float] | None] = ContextVar("booth_expected_pace", default=None)
+
+
+@contextmanager
+def expected_pace(**seconds_per_unit: float | None) -> Iterator[None]:
+    """Bars made inside show a time left from these measured paces until they have measured
+    their own (rich needs a few updates first, and a first step can take minutes)."""
+    known = {kind: pace for kind, pace in seconds_per_unit.items() if pace}
+    token = _PACE.set({**(_PACE.get() or {}), **known})
+    try:
+        yield
+    finally:
+        _PACE.reset(token)
 
 
 def progress_bar(console, label: str, *columns, transient: bool = False,
@@ -19,7 +36,7 @@ def progress_bar(console, label: str, *columns, transient: bool = False,
 
 def training_progress(console, total: int, completed: int, disable: bool = False):
     """The training bar with loss, steps/s and time left; returns (progress, task id)."""
-    from rich.progress import ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import ProgressColumn, TextColumn
     from rich.text import Text
 
     class StepsPerSecond(ProgressColumn):
@@ -27,7 +44,7 @@ def training_progress(console, total: int, completed: int, disable: bool = False
             return Text(f"{task.speed:.2f} steps/s" if task.speed else "-- steps/s")
 
     progress = progress_bar(console, "[bold]training", TextColumn("loss {task.fields[loss]}"),
-                            StepsPerSecond(), TimeRemainingColumn(), disable=disable)
+                            StepsPerSecond(), _time_left("training"), disable=disable)
     task = progress.add_task("training", total=total, completed=completed, loss="--")
     return progress, task
 
@@ -40,11 +57,11 @@ def image_progress(console, label: str, total: int, done: int = 0
     if console is None:
         yield lambda n: None
         return
-    from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import TimeElapsedColumn
 
     # Over the whole run, not rich's 30 s window: one batch can take longer than that.
     bar = progress_bar(console, label, _seconds_per_image(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), speed_estimate_period=3600)
+                       _time_left("images"), speed_estimate_period=3600)
     with bar:
         task = bar.add_task(label, total=total, completed=done, reused=done)
         yield lambda n: bar.advance(task, n)
@@ -63,3 +80,24 @@ def _seconds_per_image():
             return Text(f"{elapsed / made:.2f} s/img", style="cyan")
 
     return SecondsPerImage()
+
+
+def _time_left(kind: str):
+    """rich's time remaining once the bar has measured its speed; before, `~h:mm:ss` from the
+    pace this machine measured for `kind` of work (nothing if it measured none)."""
+    from rich.progress import ProgressColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    pace = (_PACE.get() or {}).get(kind)
+
+    class TimeLeft(ProgressColumn):
+        own = TimeRemainingColumn()
+
+        def render(self, task):
+            if task.speed is None and pace and task.total is not None and not task.finished:
+                left = int((task.total - task.completed) * pace)
+                clock = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+                return Text(f"~{clock}", style="progress.remaining")
+            return self.own.render(task)
+
+    return TimeLeft()

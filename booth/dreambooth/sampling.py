@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from booth.dreambooth.grids import labelled_grid
 from booth.dreambooth.progress import image_progress
 
 # Works well at 20-30 steps whatever scheduler a model folder was saved with (a trained run
@@ -33,6 +35,14 @@ class SampleResult:
     status: str = "complete"        # or "interrupted"
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    cells: dict[tuple[int, int], Path] = field(default_factory=dict)  # (row, 1-based column)
+
+    def by_prompt(self, prompts: list[str]) -> dict[str, list[Path]]:
+        """{prompt: its images}, in prompt order (a prompt given twice pools its rows)."""
+        found: dict[str, list[Path]] = {}
+        for (row, _), path in sorted(self.cells.items()):
+            found.setdefault(prompts[row], []).append(path)
+        return found
 
 
 def image_seed(seed: int, column: int) -> int:
@@ -54,9 +64,11 @@ def sample_images(pipeline, prompts: list[str], out_dir: Path, *, num_images_per
                   guidance_scale: float = 7.5, num_inference_steps: int = DEFAULT_STEPS,
                   seed: int = 0, negative_prompt: str | None = None, height: int | None = None,
                   width: int | None = None, batch_size: int = 4, console=None,
-                  should_stop: Callable[[], bool] | None = None) -> SampleResult:
+                  should_stop: Callable[[], bool] | None = None,
+                  grid_title: str | None = None) -> SampleResult:
     """Render every prompt `num_images_per_prompt` times into `out_dir`, plus `grid.png`
-    (one row per prompt). `should_stop()` is checked between batches."""
+    (one row per prompt, labelled with it; `grid_title` on top). `should_stop()` is checked
+    between batches."""
     started = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,13 +93,15 @@ def sample_images(pipeline, prompts: list[str], out_dir: Path, *, num_images_per
     grid = None
     if cells:
         grid = out_dir / "grid.png"
-        make_grid(cells, len(prompts), num_images_per_prompt).save(grid)
+        labelled_grid(cells, len(prompts), num_images_per_prompt, row_labels=prompts,
+                      title=grid_title).save(grid)
     settings = {"prompts": prompts, "seed": seed, "num_images_per_prompt": num_images_per_prompt,
                 "scheduler": type(pipeline.scheduler).__name__, **settings}
     paths = [cells[k] for k in sorted(cells)]
-    _write_json(out_dir / "samples.json", {**settings, "status": status,
+    write_json(out_dir / "samples.json", {**settings, "status": status,
                                            "images": [p.name for p in paths]})
-    return SampleResult(paths, grid, status, round(time.monotonic() - started, 2), settings)
+    return SampleResult(paths, grid, status, round(time.monotonic() - started, 2), settings,
+                        cells)
 
 
 def _render(pipeline, prompt: str, cols: list[int], seed: int, settings: dict):
@@ -99,19 +113,6 @@ def _render(pipeline, prompt: str, cols: list[int], seed: int, settings: dict):
                         **settings).images
 
 
-def make_grid(cells: dict[tuple[int, int], Path], rows: int, cols: int):
-    """One PNG: cell (row, col) (0-based row, 1-based col) at its place, blanks left white."""
-    from PIL import Image
-
-    opened = {k: Image.open(p) for k, p in cells.items()}
-    width, height = next(iter(opened.values())).size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for (row, col), image in opened.items():
-        grid.paste(image.convert("RGB"), ((col - 1) * width, row * height))
-        image.close()
-    return grid
-
-
 def _chunks(values, size: int) -> list[list[int]]:
     values = list(values)
     return [values[i:i + size] for i in range(0, len(values), size)]
@@ -121,5 +122,9 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-") or "prompt"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def write_json(path: Path, data: dict) -> None:
+    """A settings or scores file a person can read: indented, UTF-8, ending in a newline;
+    written beside and renamed, so a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

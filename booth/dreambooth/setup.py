@@ -13,7 +13,8 @@ from typing import Any
 
 from booth.dreambooth.config import ConfigError, TrainConfig
 
-ENCODE_CHUNK = 8  # images per VAE forward pass while caching latents
+WANDB_MISSING = ("report_to='wandb' needs the wandb package: pip install 'booth[wandb]' "
+                 "(or report_to='tensorboard')")
 
 
 def resolve_for_device(config: TrainConfig, run_dir: Path, console) -> TrainConfig:
@@ -22,7 +23,6 @@ def resolve_for_device(config: TrainConfig, run_dir: Path, console) -> TrainConf
     from accelerate.utils import is_bnb_available, is_wandb_available
 
     from booth.dreambooth.loading import resolve_base_model
-    from booth.dreambooth.models import text_encoder_lora_problem
     from booth.dreambooth.train_data import list_images
 
     # A local model folder as an absolute path: run.yaml must work from any directory.
@@ -31,6 +31,7 @@ def resolve_for_device(config: TrainConfig, run_dir: Path, console) -> TrainConf
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"instance image not found: {missing[0]}")
+    image_captions(images)  # a bad caption is refused before the run folder exists
     class_dir = None
     if config.with_prior_preservation:
         class_dir = Path(config.class_data_dir).expanduser().resolve()
@@ -45,18 +46,12 @@ def resolve_for_device(config: TrainConfig, run_dir: Path, console) -> TrainConf
     if use_8bit_adam and not (torch.cuda.is_available() and is_bnb_available()):
         console.print("[yellow]8-bit Adam needs CUDA and bitsandbytes; using AdamW[/]")
         use_8bit_adam = False
-    train_text_encoder = config.train_text_encoder
-    problem = text_encoder_lora_problem() if config.use_lora and train_text_encoder else None
-    if problem:
-        console.print(f"[yellow]{problem}: training the UNet's LoRA only[/]")
-        train_text_encoder = False
     if config.report_to == "wandb" and not is_wandb_available():
-        raise ConfigError("report_to='wandb' needs the wandb package (pip install wandb)")
+        raise ConfigError(WANDB_MISSING)
     return dataclasses.replace(
         config, base_model=base_model, output_dir=str(run_dir), instance_images=images,
         class_data_dir=str(class_dir) if class_dir else config.class_data_dir,
         mixed_precision=mixed_precision, use_8bit_adam=use_8bit_adam,
-        train_text_encoder=train_text_encoder,
     )
 
 
@@ -147,47 +142,13 @@ def make_accelerator(config: TrainConfig, run_dir: Path):
     )
 
 
-def cache_latent_stats(vae, config: TrainConfig, device, dtype, console):
-    """Mean and std of the frozen VAE's posterior for every image (and mirror), computed once.
-
-    Returns (instance, classes): tensors (N, views, 2, C, h, w), fp32; classes is None without
-    prior preservation. Sampling from the stored posterior each step keeps the reference's
-    behaviour (it re-encodes and samples every step) at a fraction of the cost. On a GPU they
-    stay in its memory (a few MB even for 200 class images at 512 px): no batch is copied
-    from the host, pinned or not. Elsewhere they live on the CPU.
-    """
-    import torch
-
-    from booth.dreambooth.train_data import list_images, load_views
-
-    vae.to(device)
-    if dtype != torch.float32:  # the frozen VAE may run in low precision; it is only read
-        vae.to(dtype=dtype)
-    sets = {"instance": [Path(p) for p in config.instance_images]}
-    if config.with_prior_preservation:
-        sets["class"] = list_images(config.class_data_dir)
-    total = sum(len(paths) for paths in sets.values())
-    console.print(f"encoding {total} images through the frozen VAE (once)")
-    stats = {}
-    for kind, paths in sets.items():
-        chunks = []
-        for start in range(0, len(paths), ENCODE_CHUNK):
-            views = load_views(paths[start:start + ENCODE_CHUNK], config.resolution,
-                               config.random_flip)
-            with torch.no_grad():
-                dist = vae.encode(views.flatten(0, 1).to(device, dtype)).latent_dist
-            pair = torch.stack([dist.mean, dist.std], dim=1).float()
-            pair = pair if device.type == "cuda" else pair.cpu()
-            chunks.append(pair.unflatten(0, views.shape[:2]))
-        stats[kind] = torch.cat(chunks)
-    return stats["instance"], stats.get("class")
-
-
 class PromptEmbeddings:
-    """Text-encoder states of the instance (row 0) and class (row 1) prompts for a batch.
+    """Text-encoder states of the prompts a batch uses: the instance prompt (row 0), the class
+    prompt (row 1, with priors), then each distinct caption (`<image>.txt`, see
+    train_data.read_caption) after them; `instance_rows[i]` is the row of subject photo i.
 
     Cached once when the text encoder is frozen (it can then leave memory); computed every
-    step, with gradients, when it is trained.
+    step, with gradients, when it is trained (only the rows the batch uses).
     """
 
     def __init__(self, tokenizer, text_encoder, config: TrainConfig, device, dtype):
@@ -196,6 +157,12 @@ class PromptEmbeddings:
         prompts = [config.instance_prompt]
         if config.with_prior_preservation:
             prompts.append(config.class_prompt)
+        self.class_row = 1
+        self.instance_rows = []
+        for caption in image_captions(config.instance_images):
+            if caption is not None and caption not in prompts:
+                prompts.append(caption)
+            self.instance_rows.append(0 if caption is None else prompts.index(caption))
         length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
         self.ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                              return_tensors="pt").input_ids.to(device)
@@ -206,12 +173,28 @@ class PromptEmbeddings:
             with torch.no_grad():
                 self.cached = text_encoder(self.ids)[0].float()
 
-    def __call__(self, n_instance: int, n_class: int):
+    def __call__(self, rows):
+        """States for each example of a batch, given the prompt row of each."""
         import torch
 
-        states = self.cached if self.cached is not None else self.text_encoder(self.ids)[0]
-        rows = torch.tensor([0] * n_instance + [1] * n_class, device=states.device)
-        return states.index_select(0, rows)
+        rows = torch.as_tensor(rows, device=self.ids.device)
+        if self.cached is not None:
+            return self.cached.index_select(0, rows)
+        used, where = rows.unique(sorted=True, return_inverse=True)
+        return self.text_encoder(self.ids.index_select(0, used))[0].index_select(0, where)
+
+
+def image_captions(images: list[str]) -> list[str | None]:
+    """The caption of each subject photo (None: it has none); a bad one is a ConfigError."""
+    from booth.dreambooth.train_data import CaptionError, caption_path, read_caption
+
+    captions = []
+    for image in images:
+        try:
+            captions.append(read_caption(image))
+        except CaptionError as error:
+            raise ConfigError(f"{caption_path(image)}: {error}") from None
+    return captions
 
 
 def make_optimizer(params, config: TrainConfig, device, console):
@@ -313,6 +296,7 @@ def prepare(config: TrainConfig, run_dir: Path, console) -> Training:
     from torch.utils.data import DataLoader
 
     from booth.dreambooth.checkpoints import GeneratorState, register_weight_hooks
+    from booth.dreambooth.latents import cache_latent_stats
     from booth.dreambooth.models import add_lora, load_parts
     from booth.dreambooth.train_data import PairedExamples, collate_pairs
 
@@ -344,10 +328,13 @@ def prepare(config: TrainConfig, run_dir: Path, console) -> Training:
 
     # Every image through the frozen VAE once; then the VAE (and a frozen text encoder,
     # whose two outputs are cached too) leave memory.
-    instance, classes = cache_latent_stats(parts.vae, config, device, frozen_dtype, console)
+    instance, classes, crops = cache_latent_stats(parts.vae, config, device, frozen_dtype,
+                                                  console)
     scaling = (parts.vae.config.scaling_factor, parts.vae.config.get("shift_factor") or 0.0)
     prompts = PromptEmbeddings(parts.tokenizer, text_encoder, config, device, frozen_dtype)
-    dataset = PairedExamples(instance, classes, seed=config.seed)
+    dataset = PairedExamples(instance, classes, seed=config.seed,
+                             prompt_rows=(prompts.instance_rows, prompts.class_row))
+    dataset.on_epoch = crops
     loader = DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
                         collate_fn=collate_pairs)
 
@@ -357,6 +344,7 @@ def prepare(config: TrainConfig, run_dir: Path, console) -> Training:
         config.lr_scheduler, optimizer,
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_train_steps * accelerator.num_processes,
+        num_cycles=config.lr_num_cycles, power=config.lr_power,  # read by their schedules only
     )
     *models, optimizer, loader, lr_scheduler = accelerator.prepare(
         *trained, optimizer, loader, lr_scheduler)

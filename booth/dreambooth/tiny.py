@@ -186,3 +186,51 @@ def _drop_loader_state(config_file: Path) -> None:
     for key in ("local_files_only", "is_local"):
         config.pop(key, None)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# Small enough to score a few 64 px samples in milliseconds; the hub models' own input size
+# (224) would make the tiny ones slower than the tiny SD that made the images.
+_TINY_IMAGE_SIZE = 32
+_TINY_PATCH = 8
+
+
+def save_tiny_evaluators(folder: str | Path, seed: int = 0) -> Path:
+    """Write tiny random evaluator models in transformers' `save_pretrained` layout:
+    `folder/clip` (a CLIPModel, its tokenizer and image processor) and `folder/dino` (a
+    ViTModel and its image processor), as booth.dreambooth.evaluation loads them. The same
+    seed gives the same files. Their scores are numbers from random weights, not judgements."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+
+    from booth.dreambooth.evaluation import clip_image_processor_class, dino_image_processor_class
+    from booth.dreambooth.loading import quiet_progress
+
+    folder = Path(folder)
+    clip_dir, dino_dir = folder / "clip", folder / "dino"
+    write_clip_tokenizer(clip_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir, model_max_length=77)
+    if len(tokenizer) < 600:  # transformers 5 silently falls back to a 2-token vocabulary
+        raise RuntimeError(f"tiny tokenizer has only {len(tokenizer)} tokens")
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4)
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **tower),
+        vision_config=dict(image_size=_TINY_IMAGE_SIZE, patch_size=_TINY_PATCH, **tower),
+        projection_dim=16))
+    dino = ViTModel(ViTConfig(image_size=_TINY_IMAGE_SIZE, patch_size=_TINY_PATCH, **tower),
+                    add_pooling_layer=False)
+    size = {"shortest_edge": _TINY_IMAGE_SIZE}
+    crop = {"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE}
+    with quiet_progress():
+        clip.save_pretrained(clip_dir, safe_serialization=True)
+        tokenizer.save_pretrained(clip_dir)
+        clip_image_processor_class()(size=size, crop_size=crop).save_pretrained(clip_dir)
+        dino.save_pretrained(dino_dir, safe_serialization=True)
+        dino_image_processor_class()(size=crop).save_pretrained(dino_dir)
+    # tokenizer.save_pretrained keeps only tokenizer.json: the vocab/merges pair is rewritten.
+    write_clip_tokenizer(clip_dir)
+    _drop_loader_state(clip_dir / "tokenizer_config.json")
+    return folder

@@ -15,8 +15,9 @@ from pathlib import Path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def load_image(path: str | Path, resolution: int):
-    """A (3, resolution, resolution) float tensor in [-1, 1]: short side resized, centre crop.
+def load_image(path: str | Path, resolution: int, offset: float | None = None):
+    """A (3, resolution, resolution) float tensor in [-1, 1]: short side resized, then the
+    centre crop, or with `offset` in [0, 1] the crop that far along the long side.
 
     Class images from a prior set may have been made at another size; this brings any image
     to the training resolution.
@@ -33,9 +34,65 @@ def load_image(path: str | Path, resolution: int):
                 max(resolution, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        if offset is not None:
+            left = round((image.width - resolution) * offset)
+            top = round((image.height - resolution) * offset)
         image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def can_crop(path: str | Path, resolution: int) -> bool:
+    """Whether a random crop of `path` can differ from its centre crop (it is not square once
+    its short side is `resolution`); reads the header only."""
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        short, long = sorted(opened.size)
+    return round(long * resolution / short) > resolution
+
+
+def crop_offset(seed: int, epoch: int, kind: str, index: int) -> float:
+    """Where image `index` of `kind` is cropped in `epoch` (see PairedExamples._view)."""
+    return random.Random(f"{seed}/{epoch}/crop/{kind}/{index}").random()
+
+
+# --- captions: `<image>.txt` beside a photo (kohya's convention) -------------------------------
+# A caption replaces the instance prompt for its photo; it should name the identifier too.
+
+CAPTION_SUFFIX = ".txt"
+MAX_CAPTION_BYTES = 2000  # CLIP reads 77 tokens (~300 characters); long tag lists still fit
+
+
+class CaptionError(ValueError):
+    """A caption file that cannot be used; the message says why."""
+
+
+def caption_path(image: str | Path) -> Path:
+    return Path(image).with_suffix(CAPTION_SUFFIX)
+
+
+def read_caption(image: str | Path) -> str | None:
+    """The caption of `image` (whitespace, newlines included, collapsed to single spaces), or
+    None when it has no caption file. Raises CaptionError for one that cannot be a caption."""
+    path = caption_path(image)
+    try:
+        if not path.is_file():
+            return None
+        if path.stat().st_size > MAX_CAPTION_BYTES:
+            raise CaptionError(f"caption is {path.stat().st_size:,} bytes, above the "
+                               f"{MAX_CAPTION_BYTES:,}-byte limit: not a caption")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CaptionError("caption is not UTF-8 text") from None
+    except OSError as error:
+        raise CaptionError(f"caption cannot be read ({error.strerror or error})") from None
+    caption = " ".join(text.removeprefix("\ufeff").split())
+    if not caption:
+        raise CaptionError("caption file is empty")
+    if any(not ch.isprintable() for ch in caption):
+        raise CaptionError("caption holds control characters: not a caption")
+    return caption
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -43,11 +100,14 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_views(paths: list[Path], resolution: int, random_flip: bool):
+def load_views(paths: list[Path], resolution: int, random_flip: bool,
+               offsets: list[float | None] | None = None):
     """Tensor (N, V, 3, H, W): each image, and its mirror image when flips are on (V = 2)."""
     import torch
 
-    images = torch.stack([load_image(p, resolution) for p in paths])
+    offsets = offsets or [None] * len(paths)
+    images = torch.stack([load_image(p, resolution, o) for p, o in zip(paths, offsets,
+                                                                       strict=True)])
     if random_flip:
         return torch.stack([images, images.flip(-1)], dim=1)
     return images.unsqueeze(1)
@@ -64,7 +124,8 @@ class PairedExamples:
     epoch shows every class image once and cycles the few subject photos.
     """
 
-    def __init__(self, instance, classes=None, seed: int = 0):
+    def __init__(self, instance, classes=None, seed: int = 0,
+                 prompt_rows: tuple[list[int], int] | None = None):
         if len(instance) == 0:
             raise ValueError("no instance examples")
         if classes is not None and len(classes) == 0:
@@ -73,9 +134,16 @@ class PairedExamples:
         self.classes = classes
         self.seed = seed
         self.epoch = 0
+        # Which prompt each example is trained with (PromptEmbeddings' rows): one per subject
+        # photo (its caption, or the instance prompt), and the class prompt's.
+        self.instance_rows, self.class_row = prompt_rows or ([0] * len(instance), 1)
+        # (dataset, epoch) -> None: replaces examples that change per epoch (random crops).
+        self.on_epoch = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(self, epoch)
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.classes) if self.classes is not None else 0)
@@ -93,16 +161,23 @@ class PairedExamples:
                 continue
             example = tensors[index % len(tensors)]
             item[kind] = example[self._view(kind, index, example.shape[0])]
+        item["prompts"] = [self.instance_rows[index % len(self.instance)]]
+        if self.classes is not None:
+            item["prompts"].append(self.class_row)
         return item
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """One batch: all instance examples first, then all class examples (one forward pass)."""
+    """One batch: all instance examples first, then all class examples (one forward pass),
+    with the prompt row of each in the same order."""
     import torch
 
     examples = [item["instance"] for item in items]
     examples += [item["class"] for item in items if "class" in item]
-    return {"latents": torch.stack(examples), "num_instance": len(items)}
+    rows = [item["prompts"][0] for item in items] + [row for item in items
+                                                     for row in item["prompts"][1:]]
+    return {"latents": torch.stack(examples), "num_instance": len(items),
+            "prompts": torch.tensor(rows)}
 
 
 # --- the inputs a run was started with --------------------------------------------------------
@@ -125,8 +200,10 @@ def input_fingerprint(config) -> dict:
     names = [p.name for p in list_images(classes)] if classes else []
     # Not an input, but it decides the last bits of every CPU sum: a resume is bit-identical
     # only at the same thread count (FIELD-NOTES: 1 vs 2 threads, 10 of 24 losses equal).
+    captions = {str(p): read_caption(p) for p in config.instance_images}
+    captions = {p: text for p, text in captions.items() if text is not None}
     return {"instance_images": instance, "class_images": {"count": len(names), "names": names},
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), **({"captions": captions} if captions else {})}
 
 
 def save_fingerprint(run_dir: Path, fingerprint: dict) -> None:
@@ -168,6 +245,8 @@ def input_changes(run_dir: Path, fingerprint: dict) -> str | None:
     if changed:
         changes.append(f"subject photo(s) {', '.join(changed[:3])}"
                        f"{' ...' if len(changed) > 3 else ''} changed (dataset prepared again?)")
+    if saved.get("captions", {}) != fingerprint.get("captions", {}):
+        changes.append("the photos' captions (<image>.txt) changed")
     old_class, new_class = saved.get("class_images", {}), fingerprint["class_images"]
     if old_class.get("names", []) != new_class["names"]:
         changes.append(f"the class images changed ({old_class.get('count', 0)} -> "

@@ -59,6 +59,7 @@ from booth.dreambooth.train_data import (
     save_fingerprint,
     thread_change,
 )
+from booth.dreambooth.validation import watch
 
 __all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "TrainingError",
            "list_checkpoints", "load_run_pipeline", "resume", "train"]
@@ -80,11 +81,13 @@ class TrainResult:
     peak_memory: float | None = None  # bytes the GPU held at most (None without CUDA)
 
 
-def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] = lambda: False
-          ) -> TrainResult:
+def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] = lambda: False,
+          on_started: Callable[[Path], None] = lambda run_dir: None) -> TrainResult:
     """Start a new run in `config.output_dir`, which must not hold one yet.
 
     Launched as several processes, each calls this; all check before the main one writes.
+    `on_started(run_dir)` is called on the main process once the folder holds run.yaml (the
+    caller's own files go in then: the folder must be empty before).
     """
     config.check()
     console = process_console(console)
@@ -99,6 +102,7 @@ def train(config: TrainConfig, *, console=None, should_stop: Callable[[], bool] 
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save_yaml(run_dir / "run.yaml")
         save_fingerprint(run_dir, input_fingerprint(config))
+        on_started(run_dir)
     wait_for_everyone()
     try:
         return _run(config, run_dir, None, console, should_stop)
@@ -196,6 +200,7 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: Path | None, console, s
         loop_seconds = time.monotonic() - loop_started
         if status == "completed":
             final_model = _export(t, config, run_dir)
+        watch(t, config, run_dir, state["step"], console)  # e.g. after an export-only resume
     finally:
         if config.report_to != "none":
             t.accelerator.end_training()
@@ -281,30 +286,55 @@ def _micro_step(t: Training, batch, config: TrainConfig):
 
 
 def _losses(batch, unet, prompts, noise_scheduler, generator, config, scaling) -> dict:
-    """Instance and prior MSE of the noise (or v) prediction for one batch."""
+    """Instance and prior MSE of the noise (or v) prediction for one batch; with snr_gamma,
+    each example's error is weighted by min-SNR first."""
     import torch
-    import torch.nn.functional as F
 
     mean, std = batch["latents"].unbind(1)  # cached statistics of the frozen VAE's posterior
     draw = {"generator": generator, "device": mean.device, "dtype": mean.dtype}
     latents = (mean + std * torch.randn(mean.shape, **draw) - scaling[1]) * scaling[0]
     noise = torch.randn(latents.shape, **draw)
+    if config.noise_offset:  # drawn only when on: the default run's noise stays the same
+        noise = noise + config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), **draw)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    hidden = prompts(batch["num_instance"], len(latents) - batch["num_instance"])
+    hidden = prompts(batch["prompts"])
     prediction = unet(noisy, timesteps, hidden, return_dict=False)[0].float()
-    if noise_scheduler.config.prediction_type == "v_prediction":
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    if v_prediction:
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
+    weights = (_min_snr_weights(noise_scheduler, timesteps, config.snr_gamma, v_prediction)
+               if config.snr_gamma else None)
     n = batch["num_instance"]
-    instance_loss = F.mse_loss(prediction[:n], target[:n].float())
+    instance_loss = _mse(prediction, target, weights, slice(None, n))
     if not config.with_prior_preservation:
         return {"loss": instance_loss, "instance_loss": instance_loss}
-    prior_loss = F.mse_loss(prediction[n:], target[n:].float())
+    prior_loss = _mse(prediction, target, weights, slice(n, None))
     loss = instance_loss + config.prior_loss_weight * prior_loss
     return {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
+
+
+def _mse(prediction, target, weights, rows: slice):
+    """MSE of the examples `rows`; each example's error times its weight when weighted."""
+    import torch.nn.functional as F
+
+    if weights is None:  # the plain MSE, summed in the same order as always
+        return F.mse_loss(prediction[rows], target[rows].float())
+    errors = (prediction[rows] - target[rows].float()).pow(2).flatten(1).mean(1)
+    return (errors * weights[rows]).mean()
+
+
+def _min_snr_weights(noise_scheduler, timesteps, gamma: float, v_prediction: bool):
+    """min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for v (Hang et al. 2023:
+    the v-loss already carries a factor SNR + 1 relative to the x0-loss)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if v_prediction else clipped / snr
 
 
 def _checkpoint(t: Training, run_dir: Path, state: dict, config: TrainConfig,
@@ -315,10 +345,12 @@ def _checkpoint(t: Training, run_dir: Path, state: dict, config: TrainConfig,
     if t.accelerator.is_main_process:
         prune_checkpoints(run_dir, config.checkpoints_total_limit)
         progress.console.print(f"saved {saved.name}")
+    watch(t, config, run_dir, state["step"], progress.console)  # validation images, loss.png
 
 
 def _export(t: Training, config: TrainConfig, run_dir: Path) -> Path:
-    """The final model: a pipeline folder, or LoRA weights, written by the main process."""
+    """The final model: a pipeline folder, or LoRA weights, and its single-file or kohya
+    export, written by the main process."""
     t.accelerator.wait_for_everyone()
     unet = t.accelerator.unwrap_model(t.models[0])
     text_encoder = t.accelerator.unwrap_model(t.models[1]) if len(t.models) > 1 else None
@@ -328,6 +360,10 @@ def _export(t: Training, config: TrainConfig, run_dir: Path) -> Path:
             export_lora(unet, text_encoder, dest)
         else:
             export_pipeline(config.base_model, unet, text_encoder, dest)
+        from booth.dreambooth.export import write_final_export
+
+        # After final/ or lora/: the one file A1111, ComfyUI and kohya load (export.py).
+        write_final_export(run_dir, config)
     t.accelerator.wait_for_everyone()
     return dest
 

@@ -99,10 +99,23 @@ def _free_gpu_memory() -> float | None:
     return float(torch.cuda.mem_get_info()[0])
 
 
-def _load_inference_pipeline(base_model: str):
+def _used_gpu_memory() -> float | None:
+    """Bytes others hold on the CUDA card (all in use but this process's own cache), or
+    None without one: with the LLM server the only other tenant, what it could free."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return float(max(0, total - free - torch.cuda.memory_reserved()))
+
+
+def _load_inference_pipeline(base_model: str, precision: str | None = None):
     from booth.dreambooth.loading import load_inference_pipeline
 
-    return load_inference_pipeline(base_model)
+    # The default call stays load_inference_pipeline(base_model), as stand-ins expect.
+    return (load_inference_pipeline(base_model, precision) if precision
+            else load_inference_pipeline(base_model))
 
 
 @dataclass
@@ -118,21 +131,31 @@ class ToolContext:
     # `exit_code` (128 + the signal).
     terminated: threading.Event = field(default_factory=threading.Event)
     exit_code: int = EXIT_TERMINATED
-    # base model -> a pipeline to generate images with (class images, samples of the base
-    # model). A test passes a counting or pre-built one here.
+    # (base model, precision=None) -> a pipeline to generate images with (class images,
+    # samples of the base model). A test passes a counting or pre-built one here.
     load_pipeline: Callable[[str], Any] = _load_inference_pipeline
     # Bytes free on the GPU now (None: no GPU): what memory plans compare with. The one
     # place a stand-in for CUDA is right, in tests on machines without a GPU.
     free_gpu_memory: Callable[[], float | None] = _free_gpu_memory
+    used_gpu_memory: Callable[[], float | None] = _used_gpu_memory
+    # Bytes the LLM server would free while a GPU tool runs (None: it will not, or nobody
+    # knows); set by `booth chat` from booth.agent.gpu_share.
+    server_gives_back: Callable[[], float | None] = lambda: None
+    # A folder with clip/ and dino/ that sample scores images with (None: look for them, see
+    # booth.dreambooth.evaluation.find_evaluators).
+    eval_models: str | None = None
 
     @classmethod
     def from_options(cls, workspace: str | None = None, base_model: str | None = None,
-                     console: Console | None = None) -> ToolContext:
+                     console: Console | None = None,
+                     eval_models: str | None = None) -> ToolContext:
         base_model = base_model or os.environ.get("BOOTH_BASE_MODEL") or DEFAULT_BASE_MODEL
+        eval_models = eval_models or os.environ.get("BOOTH_EVAL_MODELS")
         return cls(
             workspace=Workspace.from_option(workspace),
             base_model=absolute_if_local(base_model),
             console=console or Console(stderr=True),
+            eval_models=absolute_if_local(eval_models) if eval_models else None,
         )
 
     def interruptible(self, abort: type[BaseException] = KeyboardInterrupt,

@@ -2,7 +2,8 @@
 
 Layout written: `datasets/<name>/images/0001.png ...` and `datasets/<name>/manifest.json`,
 which the train tool reads (name, source, class_noun, instance_token, instance_prompt,
-class_prompt, resolution, images[file, source, sha256], rejected, warnings).
+class_prompt, resolution, images[file, source, sha256, caption], rejected, warnings);
+a photo's caption (`<photo>.txt` beside it) is copied as `images/0001.txt`.
 
 Re-preparing a name that exists: the dataset is rebuilt and swapped in when it came from the
 same source folder (the usual "I added photos" case); a dataset of the same name made from a
@@ -100,6 +101,13 @@ def default_name(source: Path) -> str:
     return cleaned or "dataset"
 
 
+def names_token(text: str, token: str) -> bool:
+    """Whether `text` holds the identifier as a word of its own ("sks," counts, "sksdog" does
+    not), in any case: CLIP's tokenizer lowercases."""
+    edge = r"[\w<>-]"
+    return re.search(rf"(?<!{edge}){re.escape(token)}(?!{edge})", text, re.IGNORECASE) is not None
+
+
 def article(noun: str) -> str:
     """'a' or 'an' for `noun`: by its first vowel sound, with the common exceptions."""
     word = noun.lower()
@@ -153,6 +161,9 @@ def _manifest(name, source, class_noun, instance_token, resolution, report) -> d
     elif count > MAX_PHOTOS:
         warnings.append(f"{count} photos: DreamBooth usually uses 3-20; more slows training "
                         "and is only worth it if they all show the same subject")
+    warnings += [f"{Path(k.source).name}: its caption does not name the identifier "
+                 f"{instance_token!r}, so that photo does not teach the subject's name"
+                 for k in report.kept if k.caption and not names_token(k.caption, instance_token)]
     return {
         "name": name,
         "source": str(source),
@@ -163,7 +174,8 @@ def _manifest(name, source, class_noun, instance_token, resolution, report) -> d
         "resolution": resolution,
         "images": [
             {"file": k.file, "source": k.source, "sha256": k.sha256,
-             "source_sha256": k.source_sha256, "original_size": k.original_size}
+             "source_sha256": k.source_sha256, "original_size": k.original_size,
+             **({"caption": k.caption} if k.caption else {})}
             for k in report.kept
         ],
         "rejected": [{"file": r.file, "code": r.code, "reason": r.reason}

@@ -87,6 +87,11 @@ def training_time(workspace_root: Path, base_model: str, setup: Setup, steps: in
     return estimate(workspace_root, setup, steps, per_step, fixed_guess if fixed else 0)
 
 
+def measured_pace(when: Estimate, units: float) -> float | None:
+    """Seconds per unit of an estimate for `units` units (no fixed cost in it), if measured."""
+    return when.seconds / units if when.source == "measured" and units > 0 else None
+
+
 def record_training(workspace_root: Path, setup: Setup, result) -> None:
     """File what a finished (or stopped) run measured: its loop, and the rest as fixed."""
     record(workspace_root, setup, result.steps_run, result.loop_seconds,
@@ -109,6 +114,14 @@ def generation_time(workspace_root: Path, base_model: str, setup: Setup, images:
     reference, per_unit, load = _GENERATE_GUESS[(device_kind(), model_size(base_model))]
     per_unit *= setup.examples / 2 * ((setup.resolution / reference) ** 2) ** PIXEL_EXPONENT
     return estimate(workspace_root, setup, images * steps, per_unit, load)
+
+
+def image_pace(workspace_root: Path, base_model: str, setup: Setup, steps: int
+               ) -> float | None:
+    """Seconds an image took here at these settings (loading aside), if measured."""
+    ten = generation_time(workspace_root, base_model, setup, 10, steps)
+    none = generation_time(workspace_root, base_model, setup, 0, steps)
+    return measured_pace(Estimate(ten.seconds - none.seconds, ten.source), 10)
 
 
 def record_generation(workspace_root: Path, setup: Setup, images: int, steps: int,

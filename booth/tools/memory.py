@@ -90,14 +90,17 @@ class Plan:
     free: float              # bytes free on the card now
     source: str              # "estimated" or "measured"
     rung: str | None = None  # the first rung of the ladder that fits, when this does not
+    given_back: float = 0.0  # bytes the LLM server frees while the tool runs
 
     @property
     def fits(self) -> bool:
-        return self.needed + HEADROOM <= self.free
+        return self.needed + HEADROOM <= self.free + self.given_back
 
     def words(self) -> str:
         text = (f"needs ~{self.needed / GB:.1f} GB of GPU memory ({self.source}), "
                 f"{self.free / GB:.1f} GB free")
+        if self.given_back:
+            text += f" + {self.given_back / GB:.1f} GB the LLM server frees while it runs"
         if self.fits:
             return text
         if self.rung:
@@ -106,18 +109,20 @@ class Plan:
 
 
 def plan(counts: dict[str, float], knobs: Knobs, free: float,
-         measured: float | None = None) -> Plan:
-    """The plan for `knobs` on a card with `free` bytes; `measured` is a peak this machine
-    measured for the same setup, which beats the formula."""
+         measured: float | None = None, given_back: float = 0.0) -> Plan:
+    """The plan for `knobs` on a card with `free` bytes, and `given_back` more once the LLM
+    server has released its memory; `measured` is a peak this machine measured for the same
+    setup, which beats the formula."""
     needed = measured or needed_bytes(counts, knobs)
     source = "measured" if measured else "estimated"
-    if needed + HEADROOM <= free:
-        return Plan(needed, free, source)
+    available = free + given_back
+    if needed + HEADROOM <= available:
+        return Plan(needed, free, source, given_back=given_back)
     for words, changes in LADDER[1:]:
         rung = _rung(knobs, changes)
-        if needed_bytes(counts, rung) + HEADROOM <= free:
-            return Plan(needed, free, source, words)
-    return Plan(needed, free, source)
+        if needed_bytes(counts, rung) + HEADROOM <= available:
+            return Plan(needed, free, source, words, given_back)
+    return Plan(needed, free, source, given_back=given_back)
 
 
 def _rung(knobs: Knobs, changes: dict) -> Knobs:

@@ -4,9 +4,10 @@ which the train tool uses to pick up the images made here."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from booth.dreambooth.priors import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from booth.dreambooth.progress import expected_pace
 from booth.schema import NOT_BLANK, PATH
 from booth.tools import estimates
 from booth.tools.context import ToolContext, absolute_if_local
@@ -39,16 +40,25 @@ def generate_priors(
     base_model: Annotated[str | None, Param("Model that draws them (default: the session's "
                                             "base model)", min_length=1, max_length=1000,
                                             pattern=PATH)] = None,
+    precision: Annotated[Literal["fp32", "fp16", "bf16"] | None, Param(
+        "Precision of the model drawing them (diffusers' prior_generation_precision; "
+        "default: fp16 on CUDA, else fp32)")] = None,
 ) -> dict:
     """Generate class images for prior preservation; existing ones are reused."""
     from booth.dreambooth.priors import generate_class_images
 
     key = _key(ctx, class_prompt, seed, resolution, num_inference_steps, guidance_scale,
-               negative_prompt, base_model)
+               negative_prompt, base_model, precision)
     folder = ctx.workspace.priors_dir(key.folder_name())
-    result = generate_class_images(
-        key, folder, num_images, lambda: ctx.load_pipeline(key.source), batch_size=batch_size,
-        console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    # A chosen precision is passed only when given: the default call stays load_pipeline(base).
+    load = (lambda: ctx.load_pipeline(key.source, precision)) if precision else (
+        lambda: ctx.load_pipeline(key.source))
+    pace = estimates.image_pace(ctx.workspace.root, key.source, _setup(key),
+                                key.num_inference_steps)
+    with expected_pace(images=pace):
+        result = generate_class_images(
+            key, folder, num_images, load, batch_size=batch_size,
+            console=ctx.console, should_stop=ctx.stop_requested.is_set)
     if result.generated:
         estimates.record_generation(ctx.workspace.root, _setup(key), len(result.generated),
                                     key.num_inference_steps, result.seconds, result.load_seconds)
@@ -66,7 +76,8 @@ def find_prior_set(ctx: ToolContext, class_prompt: str, base_model: str | None =
     return sets[0][0] if sets else None
 
 
-def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
+def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model,
+         precision=None):
     from booth.dreambooth import priors
     from booth.dreambooth.loading import resolve_base_model
 
@@ -75,7 +86,7 @@ def _key(ctx, prompt, seed, resolution, steps, guidance, negative, base_model):
     resolution = resolution or priors.natural_resolution(base)
     return priors.PriorKey.create(
         base, prompt, negative_prompt=negative or None, seed=seed, resolution=resolution,
-        num_inference_steps=steps, guidance_scale=float(guidance))
+        num_inference_steps=steps, guidance_scale=float(guidance), precision=precision)
 
 
 def _result(key, result, requested: int) -> dict:
@@ -105,7 +116,7 @@ def _describe_cost(ctx, args: dict) -> str:
 
     key = _key(ctx, args["class_prompt"], args["seed"], args.get("resolution"),
                args["num_inference_steps"], args["guidance_scale"], args.get("negative_prompt"),
-               args.get("base_model"))
+               args.get("base_model"), args.get("precision"))
     wanted = args["num_images"]
     present = [n for n in existing_images(ctx.workspace.priors_dir(key.folder_name()))
                if n <= wanted]

@@ -22,18 +22,20 @@ become a `ToolError`; any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from booth.dreambooth.errors import UserError
 from booth.schema import Param, errors, excerpt, object_schema, property_schema, settings_of
 
 __all__ = ["Param", "Tool", "ToolArgumentError", "ToolError", "parse_arguments",
-           "parse_words", "tool"]
+           "parse_words", "read_arguments_file", "tool"]
 
 
 class ToolError(UserError):
@@ -181,7 +183,10 @@ def parse_words(words: list[str], parameters: dict | None = None) -> dict[str, A
     """Arguments a person typed: one JSON object, or key=value words whose values are read as
     JSON when they parse (`steps=400`, `prompts='["a dog"]'`) and as text otherwise
     (`class_noun=dog`). A parameter the schema (`parameters`) declares a string is always
-    taken as typed: `checkpoint=400` means the text "400"."""
+    taken as typed: `checkpoint=400` means the text "400". A first word `@FILE` reads the
+    arguments from a YAML or JSON file; the words after it override them."""
+    if words and words[0].startswith("@"):
+        return {**read_arguments_file(words[0][1:]), **parse_words(words[1:], parameters)}
     properties = (parameters or {}).get("properties", {})
     if len(words) == 1 and words[0].lstrip().startswith("{"):
         parsed = parse_arguments(words[0])
@@ -197,6 +202,63 @@ def parse_words(words: list[str], parameters: dict | None = None) -> dict[str, A
             )
         merged[key] = _typed_word(value, properties.get(key, {}))
     return merged
+
+
+MAX_ARGUMENTS_FILE = 1_000_000  # bytes: an argument file is a few lines; more is a wrong file
+
+
+def read_arguments_file(path: str) -> dict[str, Any]:
+    """The mapping of arguments in a YAML or JSON file (`booth call train @args.yaml`), the
+    path read from the current folder like any path on a command line."""
+    import yaml
+
+    file = Path(path).expanduser()
+    where = f"argument file {excerpt(path)}"
+    try:
+        if not path:
+            raise ToolArgumentError("give a file after @, e.g. @runs/rex-1/args.yaml")
+        if file.is_dir():
+            raise ToolArgumentError(f"{where} is a folder, not a file; give @FILE.yaml")
+        if file.stat().st_size > MAX_ARGUMENTS_FILE:
+            raise ToolArgumentError(f"{where} is over {MAX_ARGUMENTS_FILE:,} bytes: not an "
+                                    "argument file")
+        loaded = yaml.load(file.read_text(encoding="utf-8"), Loader=_arguments_loader())
+    except FileNotFoundError:
+        raise ToolArgumentError(f"{where} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ToolArgumentError(f"cannot read {where}: {reason}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "not YAML or JSON"
+        raise ToolArgumentError(f"{where} is not valid YAML/JSON ({problem}{at})") from None
+    except RecursionError:
+        raise ToolArgumentError(f"{where} is nested too deeply to be read") from None
+    if loaded is None:
+        raise ToolArgumentError(f"{where} is empty: write one `name: value` line per argument")
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+        raise ToolArgumentError(f"{where} must hold a mapping of argument names to values "
+                                f"(name: value lines), not {type(loaded).__name__}")
+    return loaded
+
+
+@functools.cache
+def _arguments_loader():
+    """YAML's safe loader, where `1e-4` is a number as in JSON (YAML 1.1 reads it as text,
+    so a learning rate written the usual way would fail as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Loader
 
 
 def _typed_word(value: str, schema: dict) -> Any:

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 from booth.dreambooth.checkpoints import CHOICE as CHECKPOINT_CHOICE
 from booth.dreambooth.config import TrainConfig, load_config
+from booth.dreambooth.evaluation import models_from
+from booth.dreambooth.progress import expected_pace
 from booth.schema import setting
 from booth.tools import estimates
 from booth.tools.context import ToolContext
@@ -24,7 +26,9 @@ from booth.tools.workspace import NAME_PATTERN, check_name
 # for "go back to step 400". Every other setting (run_name, seed, LoRA rank, schedule, batch
 # size, tracker, the dataset's prompts and resolution...) keeps its default unless the user
 # sets it in an approval edit or `booth call`; hiding them keeps the fixed prefix of every
-# request small (benchmarks/prompt_tokens.py).
+# request small (benchmarks/prompt_tokens.py). The knobs of the field's scripts (snr_gamma,
+# noise_offset, center_crop, the schedules' cycles and power, Adam's settings) stay hidden
+# too: chat users rarely name them, and the prompt has ~20 tokens to spare.
 MODEL_SEES = (
     "dataset", "max_train_steps", "learning_rate", "prior_loss_weight", "train_text_encoder",
     "checkpointing_steps", "mixed_precision", "gradient_checkpointing", "use_8bit_adam",
@@ -63,6 +67,8 @@ def train(
         raise ToolError(f"run {name!r} already exists; continue it with "
                         f"resume_checkpoint(run={name!r}) or choose another run_name")
     base = _check_base_model(base_model or ctx.base_model)
+    given = {"resolution": resolution, "class_prompt": class_prompt,  # before the defaults
+             "instance_prompt": instance_prompt}
     class_prompt = class_prompt or manifest.get("class_prompt")
     resolution = _resolution(dataset, manifest, resolution)
     class_dir = _class_images(ctx, settings["prior_loss_weight"], class_prompt, base,
@@ -74,9 +80,32 @@ def train(
         class_prompt=class_prompt, class_data_dir=str(class_dir) if class_dir else None,
         resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
     )
-    result = trainer.train(config, console=ctx.console, should_stop=ctx.stop_requested.is_set)
+    # The call as it ran, the clock's run name and the session's base model pinned: `booth
+    # call train @runs/<name>/args.yaml run_name=<new>` repeats it.
+    arguments = {"dataset": dataset, "max_train_steps": max_train_steps,
+                 "learning_rate": learning_rate, "run_name": name, "base_model": base,
+                 **{k: v for k, v in given.items() if v is not None}, **settings}
+    with expected_pace(training=_step_pace(ctx, config)), models_from(ctx.eval_models):
+        result = trainer.train(config, console=ctx.console,
+                               should_stop=ctx.stop_requested.is_set,
+                               on_started=lambda folder: _save_args(folder, arguments))
     estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(name, result)
+
+
+ARGS_FILE = "args.yaml"
+
+
+def _save_args(run_dir: Path, arguments: dict[str, Any]) -> None:
+    """args.yaml: the train call's arguments, written atomically beside run.yaml."""
+    import os
+
+    import yaml
+
+    tmp = run_dir / f".tmp-{ARGS_FILE}"
+    tmp.write_text(yaml.safe_dump(arguments, sort_keys=False, allow_unicode=True),
+                   encoding="utf-8")
+    os.replace(tmp, run_dir / ARGS_FILE)
 
 
 @tool
@@ -93,10 +122,11 @@ def resume_checkpoint(
     from booth.dreambooth import trainer
 
     run_dir = ctx.workspace.existing_run(run)
-    result = trainer.resume(run_dir, checkpoint, max_train_steps, console=ctx.console,
-                            should_stop=ctx.stop_requested.is_set)
-    estimates.record_training(ctx.workspace.root, _setup(load_config(run_dir / "run.yaml")),
-                              result)
+    config = load_config(run_dir / "run.yaml")
+    with expected_pace(training=_step_pace(ctx, config)), models_from(ctx.eval_models):
+        result = trainer.resume(run_dir, checkpoint, max_train_steps, console=ctx.console,
+                                should_stop=ctx.stop_requested.is_set)
+    estimates.record_training(ctx.workspace.root, _setup(config), result)
     return _result(run, result)
 
 
@@ -126,8 +156,10 @@ def _instance_prompt(dataset: str, manifest: dict, asked: str | None) -> str:
     """The dataset's prompt, or one the user wrote, which must still name the identifier."""
     if asked is None:
         return manifest["instance_prompt"]
+    from booth.tools.dataset import names_token
+
     token = manifest.get("instance_token")
-    if token and token not in asked.split():
+    if token and not names_token(asked, token):
         raise ToolError(f"instance_prompt {asked!r} does not contain the identifier {token!r} "
                         f"of dataset {dataset!r}: without it the model cannot learn the subject")
     return asked
@@ -163,9 +195,19 @@ def _result(name: str, result) -> dict:
         "checkpoints": checkpoints,
         "final_model": str(result.final_model) if result.final_model else None,
         "metrics": str(result.run_dir / "metrics.jsonl"),
+        **_pictures(result.run_dir),
         "seconds": round(result.seconds, 1),
         "hint": hint,
     }
+
+
+def _pictures(run_dir: Path) -> dict:
+    """Where to look: the newest validation grid and the loss plot, when the run has them."""
+    from booth.dreambooth.validation import LOSS_PLOT, latest_grid
+
+    grid, plot = latest_grid(run_dir), run_dir / LOSS_PLOT
+    return ({"validation_grid": str(grid)} if grid else {}) | (
+        {"loss_plot": str(plot)} if plot.is_file() else {})
 
 
 def _manifest(ctx: ToolContext, dataset: str) -> tuple[dict, Path]:
@@ -222,6 +264,14 @@ def _setup(config: TrainConfig):
                                  config.use_lora)
 
 
+def _step_pace(ctx: ToolContext, config: TrainConfig) -> float | None:
+    """Seconds a step of this setup took here, for the progress bar's first time left."""
+    steps = 100
+    when = estimates.training_time(ctx.workspace.root, config.base_model, _setup(config),
+                                   steps, fixed=False)
+    return estimates.measured_pace(when, steps)
+
+
 def _planned_config(ctx: ToolContext, args: dict[str, Any]) -> TrainConfig:
     """The config a train call would run with, as far as the plan needs it."""
     try:
@@ -252,7 +302,8 @@ def _memory_plan(ctx: ToolContext, config: TrainConfig):
         use_lora=config.use_lora, lora_rank=config.lora_rank,
         priors=config.with_prior_preservation)
     return memory.plan(memory.parameter_counts(config.base_model), knobs, free,
-                       measured_peak(ctx.workspace.root, _setup(config)))
+                       measured_peak(ctx.workspace.root, _setup(config)),
+                       ctx.server_gives_back() or 0.0)
 
 
 def _estimate_train(ctx: ToolContext, args: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
     <workspace>/datasets/<name>/      prepared images + manifest.json
     <workspace>/priors/<key>/         generated class images + priors.json
-    <workspace>/runs/<name>/          run.yaml, metrics.jsonl, logs/, checkpoints/, final model
+    <workspace>/runs/<name>/          run.yaml, metrics.jsonl, logs/, checkpoints/, validation/,
+                                      loss.png, final model
     <workspace>/samples/<name>/       sampled PNGs and a grid
     <workspace>/transcripts/          one JSONL file per chat session
 """
@@ -263,7 +264,9 @@ def _sample_set(folder: Path) -> dict:
     info = _read_json(folder / "samples.json")
     info = info if isinstance(info, dict) else {}
     grid = folder / "grid.png"
-    return {"name": folder.name, "images": len(list(folder.glob("[0-9]*.png"))),
+    # A checkpoint comparison keeps each checkpoint's images one folder down.
+    images = [*folder.glob("[0-9]*.png"), *folder.glob("*/[0-9]*.png")]
+    return {"name": folder.name, "images": len(images),
             "prompts": info.get("prompts") if isinstance(info.get("prompts"), list) else None,
             "status": info.get("status"), "grid": str(grid) if grid.is_file() else None}
 
