@@ -128,7 +128,7 @@ def measure(root: Path, model: str, name: str, settings: dict, steps: int, resol
     tool = get_tool("train")
     run = index if isinstance(index, str) else f"rung-{index}"
     call = tool.validate({"dataset": "subject", "max_train_steps": steps, "learning_rate": 5e-6,
-                          "prior_loss_weight": 0, "report_to": "none",
+                          "prior_loss_weight": 0, "report_to": "none", "validation_steps": 0,
                           "checkpointing_steps": 10_000, "run_name": run,
                           **settings})
     config = _planned_config(ctx, call)
@@ -230,7 +230,7 @@ def resume_is_exact(root: Path, model: str, resolution: int, smoke: bool) -> str
     ctx = ToolContext.from_options(workspace=str(workspace_for(root, resolution)),
                                    base_model=model, console=Console(stderr=True, quiet=True))
     settings = {"dataset": "subject", "learning_rate": 5e-6, "prior_loss_weight": 0,
-                "report_to": "none", "checkpointing_steps": 3,
+                "report_to": "none", "checkpointing_steps": 3, "validation_steps": 0,
                 **({} if smoke else {"mixed_precision": "bf16"})}
     get_tool("train").run(ctx, {**settings, "max_train_steps": 6, "run_name": "straight"})
     get_tool("train").run(ctx, {**settings, "max_train_steps": 3, "run_name": "stopped"})

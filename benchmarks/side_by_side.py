@@ -18,9 +18,10 @@ DPMSolverMultistep scheduler config so both generate class images with the same 
   grad-norm clip 1, seed, --mixed-precision (fp32), TensorBoard on in both (the script's
   default), the final pipeline exported by both (booth also saves a last checkpoint, so the run
   can be resumed further: part of its fixed cost). Off in both: checkpoints (every 10^6
-  steps), validation images (the script without --validation_prompt; booth: pass what turns
-  them off with --booth-arg if its train tool has them). Runs alternate booth, diffusers,
-  booth, ... (`--repeats`).
+  steps), validation images (the script without --validation_prompt, booth with
+  validation_steps=0). On in booth only, having no switch: its loss.png plot and its
+  single-file export (export/, fp16), both part of its fixed cost. Runs alternate booth,
+  diffusers, booth, ... (`--repeats`).
   steps/s: each one's own step clock past the first `--warmup` steps: booth's metrics.jsonl
   `elapsed`, the script's TensorBoard wall times of its per-step `loss` scalar.
   Fixed cost = whole-process wall time - steps x per-step time; split into the seconds
@@ -162,6 +163,7 @@ class Bench:
                          "prior_loss_weight": 1.0, "train_text_encoder": True,
                          "checkpointing_steps": 10**6, "report_to": "tensorboard",
                          "mixed_precision": self.args.mixed_precision,
+                         "validation_steps": 0,  # the script renders none without a prompt
                          "run_name": run_name, **dict(parse_pair(p) for p in self.args.booth_arg)}
             run = self.booth_call(self.workspace, "train", arguments)
             self.booth_run = self.workspace / "runs" / run_name
