@@ -68,7 +68,12 @@ class StepLog:
         return loss
 
     def flush_quietly(self) -> None:
-        """On the way out of a failed run: keep what can still be read, raise nothing."""
+        """On the way out of a failed run: keep what can still be read, raise nothing. Not
+        when launched: reading means averaging with processes that may not have failed (they
+        would wait in another collective for ever); their run is lost past its checkpoint."""
+        if self.accelerator.num_processes > 1:
+            self.pending = []
+            return
         try:
             self.flush()
         except Exception:  # noqa: BLE001 - the run's own error is the one to report
