@@ -161,7 +161,8 @@ class TrainConfig:
     # Steps between reads of the losses from the device (and NaN checks); None: 1 on the CPU,
     # where a read costs nothing, 10 on a GPU, where each read makes the host wait.
     log_every: int | None = None
-    # TF32 matmuls on Ampere+ GPUs: ~2x faster fp32 steps, other losses than fp32 (opt-in).
+    # TF32 matmuls on Ampere+ GPUs: faster fp32 steps, other losses than fp32 (opt-in;
+    # torch already runs convolutions in TF32 by default).
     allow_tf32: bool = False
     # torch.compile the UNet (CUDA): minutes of compiling first, cached under
     # $BOOTH_COMPILE_CACHE or the HF cache; the losses are close, not identical (opt-in).

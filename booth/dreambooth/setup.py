@@ -217,12 +217,12 @@ def speed_options(config: TrainConfig, unet, device, console) -> None:
     import torch
 
     cuda = device.type == "cuda"
-    if config.allow_tf32:
-        if cuda and torch.cuda.get_device_capability(device)[0] >= 8:  # Ampere and later
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        else:
-            console.print("[yellow]allow_tf32 needs an Ampere or newer GPU; ignored here[/]")
+    tf32 = cuda and torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and later
+    if config.allow_tf32 and not tf32:
+        console.print("[yellow]allow_tf32 needs an Ampere or newer GPU; ignored here[/]")
+    if cuda:  # process-wide: set for every run, so one run's choice does not leak into the next
+        # Matmuls only; torch already runs cuDNN convolutions in TF32 by default.
+        torch.backends.cuda.matmul.allow_tf32 = bool(config.allow_tf32 and tf32)
     if config.compile_unet:
         if not cuda:  # measured on a CPU: 164 s to compile, then slower than eager
             console.print("[yellow]compile_unet pays only on a GPU; training eagerly[/]")
