@@ -19,8 +19,8 @@ DPMSolverMultistep scheduler config so both generate class images with the same 
   default), the final pipeline exported by both (booth also saves a last checkpoint, so the run
   can be resumed further: part of its fixed cost). Off in both: checkpoints (every 10^6
   steps), validation images (the script without --validation_prompt, booth with
-  validation_steps=0). On in booth only, having no switch: its loss.png plot and its
-  single-file export (export/, fp16), both part of its fixed cost. Runs alternate booth,
+  validation_steps=0), the loss plot and the one-file export (booth's loss_plot=false,
+  export_file=false: the script makes neither). Runs alternate booth,
   diffusers, booth, ... (`--repeats`).
   steps/s: each one's own step clock past the first `--warmup` steps: booth's metrics.jsonl
   `elapsed`, the script's TensorBoard wall times of its per-step `loss` scalar.
@@ -163,7 +163,9 @@ class Bench:
                          "prior_loss_weight": 1.0, "train_text_encoder": True,
                          "checkpointing_steps": 10**6, "report_to": "tensorboard",
                          "mixed_precision": self.args.mixed_precision,
-                         "validation_steps": 0,  # the script renders none without a prompt
+                         # What the script does not do: validation images (none without a
+                         # prompt), a loss plot, a one-file export.
+                         "validation_steps": 0, "loss_plot": False, "export_file": False,
                          "run_name": run_name, **dict(parse_pair(p) for p in self.args.booth_arg)}
             run = self.booth_call(self.workspace, "train", arguments)
             self.booth_run = self.workspace / "runs" / run_name

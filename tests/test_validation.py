@@ -234,6 +234,29 @@ def test_lora_under_autocast_validates_without_changing_the_losses(tmp_path, tin
 
 
 @pytest.mark.slow
+def test_the_plot_is_drawn_once_at_the_end_and_the_extras_can_be_turned_off(
+        tmp_path, tiny_model, monkeypatch):
+    from booth.dreambooth import validation
+    from booth.dreambooth.trainer import train
+
+    drawn = []
+    real = validation.write_loss_plot
+    monkeypatch.setattr(validation, "write_loss_plot",
+                        lambda metrics, dest: drawn.append(1) or real(metrics, dest))
+    settings = dict(SETTINGS, max_train_steps=4, validation_steps=0, base_model=tiny_model,
+                    prior_loss_weight=0, report_to="none",
+                    instance_images=make_images(tmp_path / "photos", 1, seed=1))
+    train(TrainConfig(**settings, output_dir=str(tmp_path / "on")))
+    assert len(drawn) == 2, "checkpoints 2 and 4; the end, right after 4, draws nothing new"
+    assert (tmp_path / "on/loss.png").is_file() and (tmp_path / "on/export").is_dir()
+    drawn.clear()
+    train(TrainConfig(**settings, loss_plot=False, export_file=False,
+                      output_dir=str(tmp_path / "off")))
+    assert not drawn and not (tmp_path / "off/loss.png").exists()
+    assert not (tmp_path / "off/export").exists() and (tmp_path / "off/final").is_dir()
+
+
+@pytest.mark.slow
 def test_validation_out_of_gpu_memory_is_skipped_and_training_goes_on(tmp_path, tiny_model,
                                                                      monkeypatch):
     import io

@@ -135,6 +135,8 @@ class TrainConfig:
     report_to: Annotated[Literal["tensorboard", "wandb", "none"],
                          Param("Experiment tracker for the metrics")] = "tensorboard"
     # export/<name>.safetensors (full) or <name>-lora.safetensors (LoRA), for A1111/ComfyUI.
+    export_file: Annotated[bool, Param("Also write the one-file export (original SD layout, "
+                                       "or kohya's LoRA format) at the end")] = True
     export_dtype: Annotated[Literal["fp16", "fp32", "bf16"],
                             Param("Precision of the single file or kohya LoRA written at the "
                                   "end")] = "fp16"
@@ -156,6 +158,7 @@ class TrainConfig:
     # Few steps of a fast deterministic sampler: enough to see the subject, cheap to repeat.
     validation_inference_steps: Annotated[int, Param("Denoising steps of validation images",
                                                      minimum=1, maximum=200)] = 10
+    loss_plot: Annotated[bool, Param("Draw loss.png at checkpoints and at the end")] = True
 
     # --- speed (not tool settings: for code calling the trainer; run.yaml keeps them) ----
     # Steps between reads of the losses from the device (and NaN checks); None: 1 on the CPU,

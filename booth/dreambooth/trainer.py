@@ -360,10 +360,11 @@ def _export(t: Training, config: TrainConfig, run_dir: Path) -> Path:
             export_lora(unet, text_encoder, dest)
         else:
             export_pipeline(config.base_model, unet, text_encoder, dest)
-        from booth.dreambooth.export import write_final_export
+        if config.export_file:
+            from booth.dreambooth.export import write_final_export
 
-        # After final/ or lora/: the one file A1111, ComfyUI and kohya load (export.py).
-        write_final_export(run_dir, config)
+            # After final/ or lora/: the one file A1111, ComfyUI and kohya load (export.py).
+            write_final_export(run_dir, config)
     t.accelerator.wait_for_everyone()
     return dest
 

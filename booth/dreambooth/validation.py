@@ -92,8 +92,20 @@ def watch(t, config: TrainConfig, run_dir: Path, step: int, console=None) -> Non
     if validation_due(config, step) and same_on_every_process(
             step not in validated_steps(run_dir)):
         validate(t, config, run_dir, step, console)
-    if t.accelerator.is_main_process:
-        write_loss_plot(run_dir / "metrics.jsonl", run_dir / LOSS_PLOT)
+    if t.accelerator.is_main_process and config.loss_plot:
+        _plot_if_stale(run_dir)
+
+
+def _plot_if_stale(run_dir: Path) -> None:
+    """loss.png, unless it is newer than metrics.jsonl (the end of a run comes right after
+    its last checkpoint: one plot, not two)."""
+    metrics, plot = run_dir / "metrics.jsonl", run_dir / LOSS_PLOT
+    try:
+        if plot.stat().st_mtime_ns >= metrics.stat().st_mtime_ns:
+            return
+    except OSError:  # no plot yet (or no metrics: write_loss_plot sees to that)
+        pass
+    write_loss_plot(metrics, plot)
 
 
 def validate(t, config: TrainConfig, run_dir: Path, step: int, console=None) -> Path | None:
