@@ -94,7 +94,7 @@ def booth(workspace: Path, base_model: str, *args: str, **popen) -> subprocess.P
 
 
 TRAIN_LONG = ["dataset=rex", "max_train_steps=400", "learning_rate=1e-4", "prior_loss_weight=0",
-              "checkpointing_steps=1000", "report_to=none", "run_name=long"]
+              "checkpointing_steps=1000", "report_to=none", "run_name=long", "validation_steps=0"]
 
 
 @pytest.mark.slow

@@ -20,8 +20,10 @@ from test_train import losses, make_dataset, tensors
 
 from booth.tools import ToolContext, ToolError, get_tool
 
+# Validation images and loss.png have their tests (test_validation); off here, for speed.
 BASE = {"dataset": "rex", "max_train_steps": 3, "learning_rate": 1e-3, "prior_loss_weight": 0,
-        "report_to": "none", "checkpointing_steps": 100, "seed": 3}
+        "report_to": "none", "checkpointing_steps": 100, "seed": 3, "validation_steps": 0,
+        "loss_plot": False}
 
 
 def make_photos(folder: Path, sizes: list[tuple[int, int]], seed: int = 1) -> Path:

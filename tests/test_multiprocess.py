@@ -58,13 +58,15 @@ def runs(tmp_path_factory, tiny_model):
     context = ToolContext.from_options(workspace=str(workspace), base_model=tiny_model)
     get_tool("prepare_dataset").run(context, {"images_dir": str(photos), "class_noun": "dog",
                                               "resolution": 64, "name": "rex"})
+    # Validation (tested in test_validation) only in 'whole': two processes render with one,
+    # and its losses must still be those of 'split'.
     first = launch(workspace, tiny_model, "train", *TRAIN, "max_train_steps=6",
-                   "run_name=split")
+                   "run_name=split", "validation_steps=0", "loss_plot=false")
     metrics_after_first = metric_lines(workspace / "runs" / "split")
     resumed = launch(workspace, tiny_model, "resume_checkpoint", "run=split",
                      "max_train_steps=9")
     whole = launch(workspace, tiny_model, "train", *TRAIN, "max_train_steps=9",
-                   "run_name=whole")
+                   "run_name=whole", "validation_steps=9")
     return {"workspace": workspace, "first": first, "metrics_after_first": metrics_after_first,
             "resumed": resumed, "whole": whole}
 

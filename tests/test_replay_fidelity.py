@@ -24,7 +24,7 @@ runner = CliRunner()
 PREPARE = {"images_dir": "photos", "class_noun": "dog", "resolution": 64, "name": "rex"}
 TRAIN = {"dataset": "rex", "max_train_steps": 6, "checkpointing_steps": 2,
          "learning_rate": 1e-4, "prior_loss_weight": 0, "report_to": "none",
-         "train_text_encoder": False, "run_name": "rex-run"}
+         "train_text_encoder": False, "run_name": "rex-run", "validation_steps": 0}
 
 
 def turn(text, *calls):

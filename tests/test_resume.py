@@ -18,8 +18,9 @@ from PIL import Image
 
 from booth.tools import ToolContext, ToolError, get_tool
 
+# Validation images and loss.png have their tests (test_validation); off here, for speed.
 ARGS = {"dataset": "rex", "learning_rate": 1e-3, "checkpointing_steps": 10,
-        "report_to": "none", "seed": 7}
+        "report_to": "none", "seed": 7, "validation_steps": 0, "loss_plot": False}
 
 # The training process the test kills: the real tool, with the prior set found on disk.
 CHILD = """

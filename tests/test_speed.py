@@ -36,7 +36,8 @@ def config(tmp_path, tiny_model):
             "instance_images": sorted(str(p) for p in (tmp_path / "subject").iterdir()),
             "class_data_dir": str(tmp_path / "class"), "class_prompt": "a photo of a dog",
             "resolution": 64, "learning_rate": 1e-3, "report_to": "none", "seed": 3,
-            "max_train_steps": 7, "checkpointing_steps": 3, **changes})
+            "max_train_steps": 7, "checkpointing_steps": 3, "validation_steps": 0,
+            "loss_plot": False, **changes})
     return make
 
 
