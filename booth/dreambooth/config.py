@@ -148,11 +148,10 @@ class TrainConfig:
         "Prompts rendered while training (default: the instance prompt and its subject "
         "on the beach)", min_items=1, max_items=8, min_length=1, max_length=300,
         pattern=PROMPT_LINE)] = None
-    # Rendered at checkpoints (and the end), so None: at every checkpoint; 0: never.
+    # None: at every checkpoint (and the end); 0: never.
     validation_steps: Annotated[int | None, Param(
-        "Render validation images every N steps, a multiple of checkpointing_steps "
-        "(default: at every checkpoint); 0 turns them off", minimum=0,
-        maximum=1_000_000)] = None
+        "Render validation images every N steps and at the end (default: at every "
+        "checkpoint); 0 turns them off", minimum=0, maximum=1_000_000)] = None
     num_validation_images: Annotated[int, Param("Validation images per prompt", minimum=1,
                                                 maximum=8)] = 2
     # Few steps of a fast deterministic sampler: enough to see the subject, cheap to repeat.
@@ -191,11 +190,6 @@ class TrainConfig:
                 "prior preservation (prior_loss_weight > 0) needs class_data_dir and class_prompt; "
                 "generate class images first, or set prior_loss_weight to 0"
             )
-        steps = self.validation_steps
-        if steps and steps % self.checkpointing_steps:
-            raise ConfigError(
-                f"validation images are rendered at checkpoints: validation_steps ({steps}) "
-                f"must be a multiple of checkpointing_steps ({self.checkpointing_steps})")
         return self
 
     def settings(self) -> dict[str, Any]:

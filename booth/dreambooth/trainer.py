@@ -59,7 +59,7 @@ from booth.dreambooth.train_data import (
     save_fingerprint,
     thread_change,
 )
-from booth.dreambooth.validation import watch
+from booth.dreambooth.validation import validation_due, watch
 
 __all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "TrainingError",
            "list_checkpoints", "load_run_pipeline", "resume", "train"]
@@ -253,6 +253,8 @@ def _loop(t: Training, config: TrainConfig, run_dir: Path, state: dict, console,
                     if save:
                         _checkpoint(t, run_dir, state, config, progress)
                         saved_at = state["step"]
+                    elif validation_due(config, state["step"]):  # between checkpoints
+                        watch(t, config, run_dir, state["step"], progress.console)
                     progress.update(task, completed=state["step"])
                     if done:
                         return "completed", loss

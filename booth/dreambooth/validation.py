@@ -4,7 +4,8 @@
                                   step on top), samples.json: written by sampling.sample_images
     <run>/loss.png                the loss curve (booth.dreambooth.plots)
 
-Rendered at checkpoints and at the end, on the main process only, and logged as images to
+Rendered every validation_steps (by default at each checkpoint) and at the end, on the main
+process only, and logged as images to
 the run's trackers (TensorBoard, W&B). Validation must never change training: its noise comes
 from its own CPU generators (`sampling.image_seed`, the same for every step, so two steps'
 images differ only by what training changed), its sampler is a deterministic one, the global
@@ -46,8 +47,8 @@ def validation_prompts(config: TrainConfig) -> list[str]:
 
 
 def validation_due(config: TrainConfig, step: int) -> bool:
-    """Whether step `step` (a checkpoint's) is rendered: every validation_steps (by default
-    every checkpoint) and at the end; never with validation_steps 0."""
+    """Whether step `step` is rendered: every validation_steps (by default at every
+    checkpoint) and at the end; never with validation_steps 0."""
     if config.validation_steps == 0:
         return False
     every = config.validation_steps or config.checkpointing_steps
