@@ -198,18 +198,14 @@ def _said(ctx) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, model_with_evaluators):
     """A run of 3 steps with a checkpoint at each (the final model is checkpoint-3's)."""
-    from tests.test_train import make_dataset, make_priors
+    from tests.test_train import make_dataset, make_priors, train_with_priors
 
     root = tmp_path_factory.mktemp("ws")
     make_dataset(root)
     make_priors(root)
     ctx = _context(root, model_with_evaluators)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("booth.tools.priors.find_prior_set",
-                      lambda ctx, prompt, base=None, **_: root / "priors" / "dog")
-        result = get_tool("train").run(ctx, {
-            "dataset": "rex", "max_train_steps": 3, "learning_rate": 1e-3,
-            "checkpointing_steps": 1, "run_name": "rex", "report_to": "none"})
+    result = train_with_priors(ctx, root, max_train_steps=3, checkpointing_steps=1,
+                               run_name="rex", report_to="none", validation_steps=0)
     assert result["checkpoints"] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     return root
 

@@ -80,13 +80,18 @@ def full_run(tmp_path_factory, tiny_model):
     make_dataset(root)
     make_priors(root)
     ctx = ToolContext.from_options(workspace=str(root), base_model=tiny_model)
+    result = train_with_priors(ctx, root, max_train_steps=4, checkpointing_steps=2,
+                               run_name="full", report_to="tensorboard")
+    return ctx, result, root / "runs" / "full"
+
+
+def train_with_priors(ctx, root: Path, **arguments) -> dict:
+    """The train tool on dataset 'rex' with the class images of make_priors(root)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("booth.tools.priors.find_prior_set",
                       lambda ctx, prompt, base=None, **_: root / "priors" / "dog")
-        result = get_tool("train").run(ctx, {
-            "dataset": "rex", "max_train_steps": 4, "learning_rate": 1e-3,
-            "checkpointing_steps": 2, "run_name": "full", "report_to": "tensorboard"})
-    return ctx, result, root / "runs" / "full"
+        return get_tool("train").run(ctx, {"dataset": "rex", "learning_rate": 1e-3,
+                                           **arguments})
 
 
 @pytest.mark.slow
