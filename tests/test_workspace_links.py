@@ -202,7 +202,7 @@ def test_sample_refuses_a_linked_samples_folder(ctx, outside, monkeypatch, dangl
 
     # The folder is named by the clock: fix the clock, and skip loading a model the guard
     # must stop us from ever using (were it reached, sampling a string would fail loudly).
-    monkeypatch.setattr(loading, "load_inference_pipeline", lambda base: "no pipeline")
+    monkeypatch.setattr(loading, "load_inference_pipeline", lambda base, precision=None: "no pipeline")
     monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260101-000000")
     _link(ctx, "samples", "base-20260101-000000", outside / "gone" if dangling else outside)
     _refused(ctx, outside, "sample", {"prompts": ["a dog"]}, "samples/base-20260101-000000")

@@ -286,6 +286,9 @@ class Training:
     noise_scheduler: Any
     generator: Any
     scaling: tuple[float, float]
+    # The frozen parts validation borrows from the base model, loaded at its first use and
+    # kept on the CPU between validations (booth.dreambooth.validation).
+    validation_parts: Any = None
 
 
 def prepare(config: TrainConfig, run_dir: Path, console) -> Training:

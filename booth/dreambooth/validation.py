@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,9 +32,6 @@ LOSS_PLOT = "loss.png"
 SCHEDULER = "DPMSolverMultistepScheduler"
 _STEP_RE = re.compile(r"step-(\d{1,9})")
 _PHOTO_OF = re.compile(r"^(an? )?(photo|picture|image|portrait) of ", re.IGNORECASE)
-# The frozen VAE (and text encoder) each Training's validation borrows from the base model,
-# kept on the CPU between validations and dropped with the Training object.
-_FROZEN: dict[int, object] = {}
 
 
 def validation_prompts(config: TrainConfig) -> list[str]:
@@ -162,8 +158,8 @@ def _render(t, config: TrainConfig, run_dir: Path, step: int, prompts: list[str]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if id(t) in _FROZEN:
-            _FROZEN[id(t)].to("cpu")  # the GPU memory is training's again
+        if t.validation_parts is not None:
+            t.validation_parts.to("cpu")  # the GPU memory is training's again
     replace_dir(tmp, final)
     result.images = [final / p.name for p in result.images]
     result.grid = final / "grid.png"
@@ -201,11 +197,10 @@ class _Frozen:
 def _frozen_parts(t, config: TrainConfig) -> _Frozen:
     """The base model's VAE, tokenizer and (when it is not trained) text encoder, loaded once
     per Training: training let its own copies go after caching the latents."""
-    if id(t) not in _FROZEN:
-        _FROZEN[id(t)] = _load_frozen(config, t.accelerator.mixed_precision,
-                                      with_text_encoder=len(t.models) == 1)
-        weakref.finalize(t, _FROZEN.pop, id(t), None)
-    return _FROZEN[id(t)]
+    if t.validation_parts is None:
+        t.validation_parts = _load_frozen(config, t.accelerator.mixed_precision,
+                                          with_text_encoder=len(t.models) == 1)
+    return t.validation_parts
 
 
 def _load_frozen(config: TrainConfig, mixed_precision: str, with_text_encoder: bool) -> _Frozen:

@@ -113,9 +113,7 @@ def _used_gpu_memory() -> float | None:
 def _load_inference_pipeline(base_model: str, precision: str | None = None):
     from booth.dreambooth.loading import load_inference_pipeline
 
-    # The default call stays load_inference_pipeline(base_model), as stand-ins expect.
-    return (load_inference_pipeline(base_model, precision) if precision
-            else load_inference_pipeline(base_model))
+    return load_inference_pipeline(base_model, precision)
 
 
 @dataclass
