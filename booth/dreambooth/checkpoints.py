@@ -58,14 +58,19 @@ def resolve_checkpoint(run_dir: str | Path, name: str | int = "latest") -> tuple
         raise CheckpointError(f"run {Path(run_dir).name!r} has no complete checkpoint yet")
     if str(name) == "latest":
         return available[-1]
-    match = _STEP_RE.fullmatch(str(name))
-    steps = dict(available)
-    if match and int(match.group(1)) in steps:
-        return int(match.group(1)), steps[int(match.group(1))]
+    step, steps = checkpoint_step(name), dict(available)
+    if step in steps:
+        return step, steps[step]
     names = ", ".join(checkpoint_name(step) for step, _ in available)
     raise CheckpointError(
         f"run {Path(run_dir).name!r} has no checkpoint {name!r}; available: {names} (or 'latest')"
     )
+
+
+def checkpoint_step(name: str | int) -> int | None:
+    """The step a checkpoint is called by ("checkpoint-400" or "400"), or None."""
+    match = _STEP_RE.fullmatch(str(name))
+    return int(match.group(1)) if match else None
 
 
 def read_training_state(checkpoint: Path) -> dict:

@@ -77,7 +77,10 @@ def _lookup(name: str, by_name: dict, steps: list[int], final: Candidate | None)
         return final
     if name == LATEST:
         return by_name[f"checkpoint-{steps[-1]}"] if steps else None
-    return by_name.get(name if name.startswith("checkpoint-") else f"checkpoint-{int(name)}")
+    from booth.dreambooth.checkpoints import checkpoint_name, checkpoint_step
+
+    step = checkpoint_step(name)
+    return by_name.get(checkpoint_name(step)) if step is not None else None
 
 
 def compare_checkpoints(ctx: ToolContext, run: str, names: list[str], prompts: list[str],
